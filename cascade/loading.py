@@ -1,0 +1,132 @@
+"""Weights in and out: safetensors first, `.bin` only with `weights_only=True`; meta-device builds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Configurable, read_json, write_json
+
+WEIGHTS = "diffusion_pytorch_model"
+
+
+def with_variant(name: str, variant: str | None) -> str:
+    """`model.safetensors` -> `model.fp16.safetensors`, as the reference names variant files."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def resolve(path_or_repo: str | os.PathLike, subfolder: str | None = None, patterns=None, **hub) -> Path:
+    """A local folder as is; otherwise a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    path = Path(path_or_repo)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        hub = {k: v for k, v in hub.items() if v is not None}
+        if hub.pop("local_files_only", False) or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+            hub["local_files_only"] = True
+        path = Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, **hub))
+    path = path / subfolder if subfolder else path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder")
+    return path
+
+
+def weight_files(folder: Path, variant: str | None = None, stem: str = WEIGHTS) -> list[Path]:
+    """The files holding a model's weights: one file or the shards an index names; safetensors first."""
+    for ext in ("safetensors", "bin"):
+        single = folder / with_variant(f"{stem}.{ext}", variant)
+        if single.is_file():
+            return [single]
+        index = folder / with_variant(f"{stem}.{ext}.index.json", variant)
+        if index.is_file():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            return [folder / s for s in shards]
+    wanted = with_variant(f"{stem}.safetensors", variant)
+    raise FileNotFoundError(f"{folder}: no weights found (looked for {wanted} and .bin, sharded or not)")
+
+
+def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise ValueError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
+        state.update(part)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names the file and the offending keys, then checks nothing is left on meta."""
+    state = model.rename_legacy_keys(state) if hasattr(model, "rename_legacy_keys") else state
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match {type(model).__name__} "
+                         f"(missing keys: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                         f"unexpected keys: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(f"{source}: {k} has shape {got}, the config asks for {want}")
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"{type(model).__name__}: {leftover[0]} was never loaded")
+
+
+class ModelMixin(Configurable, nn.Module):
+    """Reference-compatible model: config dataclass, `from_pretrained`, `save_pretrained`."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, cache_dir=None, revision=None, local_files_only=None,
+                        token=None, **kwargs):
+        pattern = f"{subfolder}/*" if subfolder else None
+        folder = resolve(path_or_repo, subfolder, pattern and [pattern], cache_dir=cache_dir, revision=revision,
+                         local_files_only=local_files_only, token=token)
+        return cls.load(folder, torch_dtype, variant, **kwargs)
+
+    @classmethod
+    def load(cls, folder: Path, torch_dtype=None, variant=None, **overrides):
+        config = cls.config_class.from_dict(read_json(folder / cls.config_name), str(folder / cls.config_name),
+                                            **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        files = weight_files(folder, variant)
+        load_into(model, read_state_dict(files, torch_dtype), str(files[0]))
+        return model.eval()
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **_):
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / self.config_name, self.config_dict())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if safe_serialization:
+            save_file(state, str(folder / with_variant(f"{WEIGHTS}.safetensors", variant)), metadata={"format": "pt"})
+        else:
+            torch.save(state, folder / with_variant(f"{WEIGHTS}.bin", variant))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

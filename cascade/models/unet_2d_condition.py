@@ -1,0 +1,215 @@
+"""The conditional UNet of the Kandinsky 2.2 and unCLIP decoders, built from the tables in unet_blocks.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..loading import ModelMixin
+from .layers import (ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding, ModelOutput,
+                     TimestepEmbedding, Timesteps, activation)
+from .unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
+
+UNET_DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+UNET_UP = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig(Config):
+    sample_size: int | tuple | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    only_cross_attention: bool | tuple = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple = 1280
+    transformer_layers_per_block: int | tuple = 1  # only used by transformer blocks, which we do not have
+    reverse_transformer_layers_per_block: tuple | None = None
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: int | tuple = 8
+    num_attention_heads: int | tuple | None = None
+    dual_cross_attention: bool = False
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False  # scaled_dot_product_attention keeps the softmax in float32 anyway
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    time_cond_proj_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None
+    attention_type: str = "default"
+    class_embeddings_concat: bool = False
+    mid_block_only_cross_attention: bool | None = None
+    cross_attention_norm: str | None = None
+    addition_embed_type_num_heads: int = 64
+
+    choices = {
+        "down_block_types": UNET_DOWN, "up_block_types": UNET_UP,
+        "mid_block_type": (None, "UNetMidBlock2DSimpleCrossAttn"), "class_embed_type": (None, "identity"),
+        "encoder_hid_dim_type": (None, "image_proj"), "addition_embed_type": (None, "image", "image_hint"),
+        "num_class_embeds": (None,), "num_attention_heads": (None,), "time_embedding_type": ("positional",),
+        "time_cond_proj_dim": (None,), "class_embeddings_concat": (False,), "attention_type": ("default",),
+        "resnet_time_scale_shift": ("default", "scale_shift"), "cross_attention_norm": (None, "group_norm"),
+    }
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        if self.encoder_hid_dim is not None and self.encoder_hid_dim_type is None:
+            raise ValueError(f"{source}: encoder_hid_dim without encoder_hid_dim_type (a text projection) "
+                             "is not supported")
+
+
+@dataclasses.dataclass
+class UNet2DConditionOutput(ModelOutput):
+    sample: torch.Tensor
+
+
+def per_block(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def as_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """A number, 0-d or 1-d tensor -> one timestep per batch element (the reference's dtypes)."""
+    if not torch.is_tensor(timestep):
+        dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+        timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+    elif timestep.ndim == 0:
+        timestep = timestep[None].to(sample.device)
+    return timestep.expand(sample.shape[0])
+
+
+class UNet2DConditionModel(ModelMixin):
+    """The decoder UNets of Kandinsky 2.2 (text-to-image, inpainting, depth ControlNet) and unCLIP (Karlo)."""
+
+    config_class = UNet2DConditionConfig
+
+    def __init__(self, config: UNet2DConditionConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
+        ch, k_in, k_out = c.block_out_channels, c.conv_in_kernel, c.conv_out_kernel
+        time_dim = c.time_embedding_dim or ch[0] * 4
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], k_in, padding=(k_in - 1) // 2)
+        self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], time_dim, c.act_fn, post_act_fn=c.timestep_post_act)
+        self.encoder_hid_proj = (ImageProjection(c.encoder_hid_dim, c.cross_attention_dim)
+                                 if c.encoder_hid_dim_type == "image_proj" else None)
+        # unCLIP adds its own projection of the image embedding to the time embedding, passed as class_labels.
+        self.class_embedding = nn.Identity() if c.class_embed_type == "identity" else None
+        if c.addition_embed_type == "image":
+            self.add_embedding = ImageTimeEmbedding(c.encoder_hid_dim, time_dim)
+        elif c.addition_embed_type == "image_hint":
+            self.add_embedding = ImageHintTimeEmbedding(c.encoder_hid_dim, time_dim)
+        self.time_embed_act = activation(c.time_embedding_act_fn)
+        self.build_blocks(time_dim)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_act = activation(c.act_fn)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, k_out, padding=(k_out - 1) // 2)
+
+    def build_blocks(self, time_dim: int) -> None:
+        c, n = self.config, len(self.config.block_out_channels)
+        ch, layers = c.block_out_channels, per_block(c.layers_per_block, n)
+        heads, cross = per_block(c.attention_head_dim, n), per_block(c.cross_attention_dim, n)
+        only_cross = per_block(c.only_cross_attention, n)
+        o = BlockOptions(time_dim, c.norm_num_groups, c.norm_eps, c.act_fn, c.resnet_time_scale_shift,
+                         c.resnet_out_scale_factor, c.resnet_skip_time_act, c.dropout,
+                         cross_attention_norm=c.cross_attention_norm, downsample_padding=c.downsample_padding)
+
+        def at(level, head_index=None):  # the reference's up path takes head dims in down-path order
+            head_dim = heads[level if head_index is None else head_index]
+            return dataclasses.replace(o, attention_head_dim=head_dim, cross_attention_dim=cross[level],
+                                       only_cross_attention=only_cross[level])
+
+        self.down_blocks = nn.ModuleList(
+            DownBlock(t, ch[max(i - 1, 0)], ch[i], layers[i], at(i), add_downsample=i < n - 1)
+            for i, t in enumerate(c.down_block_types))
+        mid_only_cross = c.mid_block_only_cross_attention
+        if mid_only_cross is None:
+            mid_only_cross = isinstance(c.only_cross_attention, bool) and c.only_cross_attention
+        mid = dataclasses.replace(at(n - 1), output_scale_factor=c.mid_block_scale_factor,
+                                  only_cross_attention=mid_only_cross)
+        self.mid_block = MidBlock(c.mid_block_type, ch[-1], mid) if c.mid_block_type else None
+        levels = [(i, n - 1 - i, t) for i, t in enumerate(c.up_block_types)]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(t, ch[max(level - 1, 0)], ch[level], layers[level] + 1, at(level, i),
+                    add_upsample=level > 0, prev_output_channel=ch[min(level + 1, n - 1)])
+            for i, level, t in levels)
+
+    def embed(self, sample, timestep, encoder_hidden_states, class_labels, added_cond_kwargs):
+        """The time (+class, +image) embedding, the cross-attention context, the sample with any hint."""
+        c, added, name = self.config, added_cond_kwargs or {}, type(self).__name__
+
+        def need(key):
+            if key not in added:
+                raise ValueError(f"{name} needs added_cond_kwargs[{key!r}] (addition_embed_type="
+                                 f"{c.addition_embed_type!r}, "
+                                 f"encoder_hid_dim_type={c.encoder_hid_dim_type!r})")
+            return added[key]
+
+        emb = self.time_embedding(self.time_proj(as_timesteps(timestep, sample)).to(sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"{name} with class_embed_type={c.class_embed_type!r} needs class_labels")
+            emb = emb + self.class_embedding(class_labels).to(sample.dtype)
+        if c.addition_embed_type == "image":
+            emb = emb + self.add_embedding(need("image_embeds"))
+        elif c.addition_embed_type == "image_hint":
+            aug, hint = self.add_embedding(need("image_embeds"), need("hint"))
+            sample, emb = torch.cat([sample, hint], dim=1), emb + aug
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        if self.encoder_hid_proj is not None:
+            encoder_hidden_states = self.encoder_hid_proj(need("image_embeds"))
+        return sample, emb, encoder_hidden_states
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict | None = None, *, encoder_attention_mask: torch.Tensor | None = None,
+                return_dict: bool = True):
+        if timestep_cond is not None:
+            raise ValueError("timestep_cond needs time_cond_proj_dim, which is not supported")
+        # Masks are 1 = keep; the blocks take additive masks. A sample mask wins over a context mask.
+        mask = attention_mask if attention_mask is not None else encoder_attention_mask
+        if mask is not None:
+            mask = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        sample, emb, context = self.embed(sample, timestep, encoder_hidden_states, class_labels,
+                                          added_cond_kwargs)
+        mask = mask if context is not None or attention_mask is not None else None
+        x = self.conv_in(sample)
+        skips = (x,)
+        for block in self.down_blocks:
+            x, states = block(x, emb, context, mask)
+            skips += states
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, mask)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            x, skips = block(x, skips[-n:], emb, context, mask), skips[:-n]
+        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return UNet2DConditionOutput(sample=x) if return_dict else (x,)

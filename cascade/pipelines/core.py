@@ -1,0 +1,389 @@
+"""The pipeline base and the stages every pipeline composes: loading, the one denoising loop, guidance,
+latents, callbacks, image pre/post-processing."""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..config import DIFFUSERS_VERSION, read_json, write_json
+from ..loading import resolve
+from ..schedulers.base import randn_tensor
+
+# The transformers classes a model_index.json may name (never imported by name otherwise), and what reads
+# names that other transformers versions write.
+TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection",
+                        "CLIPTokenizer", "CLIPTokenizerFast", "CLIPImageProcessor", "CLIPImageProcessorPil",
+                        "CLIPFeatureExtractor"}
+TRANSFORMERS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "CLIPImageProcessorPil": "CLIPImageProcessor",
+                        "CLIPFeatureExtractor": "CLIPImageProcessor"}
+
+
+def own_classes() -> dict[str, type]:
+    """Our model and scheduler classes by the names checkpoints record them under."""
+    from .. import models, schedulers
+
+    return {n: getattr(m, n) for m in (models, schedulers) for n in getattr(m, "__all__", ())}
+
+
+class Output:
+    """Reference-style output: attribute, key and index access, `to_tuple()`; iterating gives the keys,
+    as the reference's ordered-dict outputs do."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+
+@dataclass
+class ImagePipelineOutput(Output):
+    images: Any
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+def denoise(model, scheduler, x, timesteps, generator=None, on_step=None, progress=iter):
+    """Walk the reverse process over `timesteps`; the only sampling loop in cascade."""
+    for i, t in enumerate(progress(timesteps)):
+        x = scheduler.step(model(x, t), t, x, generator=generator, return_dict=False)[0]
+        if on_step is not None:
+            x = on_step(i, t, x)
+    return x
+
+
+def cfg(uncond, cond, scale):
+    return uncond + scale * (cond - uncond)
+
+
+def guided(model, scale, combine=cfg, cond_first=False, learned_variance=False):
+    """Wrap model(x, t), whose conditioning is batched [uncond, cond], into one guided forward."""
+    if scale <= 1:
+        return model
+
+    def fn(x, t):
+        out = model(torch.cat([x, x]), t)
+        if learned_variance:  # guide the mean only; the reference keeps the conditional variance
+            out, var = out.split(x.shape[1], dim=1)
+            var = var.chunk(2)[0 if cond_first else 1]
+        first, second = out.chunk(2)
+        cond, uncond = (first, second) if cond_first else (second, first)
+        out = combine(uncond, cond, scale)
+        return torch.cat([out, var], dim=1) if learned_variance else out
+
+    return fn
+
+
+def prepare_latents(shape, generator, latents, dtype, device, sigma=1.0):
+    if latents is None:
+        latents = randn_tensor(shape, generator, device, dtype)
+    elif tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
+    return latents.to(device) * sigma
+
+
+def noised_start(scheduler, x0, strength, num_inference_steps, generator):
+    """img2img: noise x0 to where `strength` of the schedule remains; returns (latents, timesteps left)."""
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    timesteps = scheduler.timesteps[max(num_inference_steps - kept, 0) * scheduler.order:]
+    if len(timesteps) == 0:
+        raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step")
+    noise = randn_tensor(x0.shape, generator, x0.device, x0.dtype)
+    return scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0])), timesteps
+
+
+def check_strength(strength):
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+
+class with_next_timestep:
+    """UnCLIPScheduler.step wants the next timestep too; the loop passes only the current one."""
+
+    def __init__(self, scheduler, timesteps):
+        self.scheduler, self.timesteps, self.i = scheduler, timesteps, 0
+
+    def step(self, out, t, x, generator=None, return_dict=False):
+        nxt = self.timesteps[self.i + 1] if self.i + 1 < len(self.timesteps) else None
+        self.i += 1
+        return self.scheduler.step(out, t, x, prev_timestep=nxt, generator=generator, return_dict=return_dict)
+
+
+def encode_text(tokenizer, text_encoder, prompt, negative_prompt, n, guide) -> dict:
+    """CLIP text embeddings, last hidden states and padding mask per prompt, [negative, positive] to guide."""
+
+    def encode(texts):
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        out = text_encoder(tokens.input_ids.to(text_encoder.device))
+        mask = tokens.attention_mask.bool().to(text_encoder.device)
+        return [v.repeat_interleave(n, 0) for v in (out.text_embeds, out.last_hidden_state, mask)]
+
+    parts = encode(prompt)
+    if guide:
+        if negative_prompt is not None and len(negative_prompt) != len(prompt):
+            raise ValueError(f"negative_prompt: got {len(negative_prompt)} prompts, prompt has {len(prompt)}")
+        negative = encode(negative_prompt if negative_prompt is not None else [""] * len(prompt))
+        parts = [torch.cat([neg, pos]) for neg, pos in zip(negative, parts)]
+    return dict(zip(("prompt_embeds", "text_encoder_hidden_states", "text_mask"), parts))
+
+
+# --------------------------------------------------------------------------------------------- images
+
+def to_tensor_batch(image, height=None, width=None, resample=PIL.Image.BICUBIC, bytes_scale=False) -> torch.Tensor:
+    """PIL / numpy HWC in [0, 1] / torch CHW (in [0, 1], or [-1, 1]) -> NCHW in [-1, 1].
+
+    `bytes_scale`: numpy images hold 0..255 and bytes map to [-1, 1] as x / 127.5 - 1, as the reference's
+    inpainting does (its float rounding differs from 2 * x / 255 - 1)."""
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise ValueError("image: got an empty list")
+    if isinstance(images[0], PIL.Image.Image):
+        size = (width or images[0].width, height or images[0].height)
+        images = [np.asarray(i.resize(size, resample=resample, reducing_gap=1).convert("RGB")) for i in images]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+        return x / 127.5 - 1.0 if bytes_scale else 2.0 * (x / 255.0) - 1.0
+    elif isinstance(images[0], np.ndarray):
+        x = torch.from_numpy(np.concatenate([i if i.ndim == 4 else i[None] for i in images])).permute(0, 3, 1, 2)
+        if bytes_scale:
+            return x.float() / 127.5 - 1.0
+    elif isinstance(images[0], torch.Tensor):
+        x = torch.cat([i if i.ndim == 4 else i[None] for i in images])
+    else:
+        raise TypeError(f"image: expected PIL images, numpy arrays or tensors, got {type(images[0]).__name__}")
+    if height and width and tuple(x.shape[-2:]) != (height, width):
+        x = torch.nn.functional.interpolate(x, size=(height, width))
+    # Tensors already in [-1, 1] are taken as they are, as the reference does.
+    return x if x.min() < 0 else 2.0 * x - 1.0
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    images = (images * 255).round().astype("uint8")
+    return [PIL.Image.fromarray(i.squeeze(-1), mode="L") if i.shape[-1] == 1 else PIL.Image.fromarray(i)
+            for i in images]
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_output_type(output_type, allowed=OUTPUT_TYPES):
+    if output_type not in allowed:
+        raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
+
+
+def postprocess(image: torch.Tensor, output_type: str, unit_pt: bool = True):
+    """Decoder output in [-1, 1] -> PIL list, NHWC numpy or NCHW tensor in [0, 1] (raw if not unit_pt)."""
+    if output_type == "pt" and not unit_pt:
+        return image
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return numpy_to_pil(image) if output_type == "pil" else image
+
+
+# --------------------------------------------------------------------------------------------- the base
+
+class DiffusionPipeline:
+    """Components by name, loading and saving in the reference's layout, device, progress and callbacks."""
+
+    components_order: ClassVar[tuple[str, ...]] = ()
+    config_values: ClassVar[dict[str, Any]] = {}  # plain values model_index.json carries
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+    _optional_components: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *args, **kwargs):
+        names = self.components_order + tuple(self.config_values)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} components, got {len(args)}")
+        given = {**dict(zip(names, args)), **kwargs}
+        unknown = set(given) - set(names)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown component(s) {sorted(unknown)}; expected {names}")
+        missing = [n for n in self.components_order if n not in given and n not in self._optional_components]
+        if missing:
+            raise TypeError(f"{type(self).__name__}: missing component(s) {missing}")
+        for name in self.components_order:
+            setattr(self, name, given.get(name))
+        for name, default in self.config_values.items():
+            setattr(self, name, given.get(name, default))
+        self._progress_config: dict[str, Any] = {}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.components_order + tuple(self.config_values)}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {n: m for n in self.components_order if isinstance(m := getattr(self, n), torch.nn.Module)}
+
+    # --- loading and saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant=None, cache_dir=None,
+                        revision=None, local_files_only=None, token=None, **kwargs):
+        folder = download(pretrained_model_name_or_path, variant, cache_dir=cache_dir, revision=revision,
+                          local_files_only=local_files_only, token=token)
+        index = read_json(folder / "model_index.json")
+        hub = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token)
+        parts = cls.missing_parts(folder, index, kwargs, torch_dtype, variant, hub)
+        for name in cls.components_order:
+            if name not in kwargs and name not in parts:
+                parts[name] = load_component(folder, name, index, cls, torch_dtype, variant)
+        for name in cls.config_values:
+            if name in index and name not in kwargs:
+                parts[name] = index[name]
+        return cls(**parts, **kwargs)
+
+    @classmethod
+    def missing_parts(cls, folder, index, given, torch_dtype, variant, hub) -> dict[str, Any]:
+        """Components to take from elsewhere when the folder lacks them (combined pipelines: the prior)."""
+        return {}
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **_):
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
+        for name in self.components_order:
+            part = getattr(self, name)
+            if part is None:
+                index[name] = [None, None]
+                continue
+            is_ours = type(part).__module__.startswith("cascade.")
+            index[name] = ["diffusers" if is_ours else "transformers", type(part).__name__]
+            kw = {"safe_serialization": safe_serialization, "variant": variant} if hasattr(part, "parameters") else {}
+            part.save_pretrained(folder / name, **kw)
+        index.update({n: getattr(self, n) for n in self.config_values})
+        write_json(folder / "model_index.json", index)
+
+    # --- device and dtype
+    @property
+    def device(self) -> torch.device:
+        for m in self.modules().values():
+            return next(m.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for m in self.modules().values():
+            return next(m.parameters()).dtype
+        return torch.float32
+
+    _execution_device = device
+
+    def to(self, *args, **kwargs):
+        for m in self.modules().values():
+            m.to(*args, **kwargs)
+        return self
+
+    # --- progress and callbacks
+    def set_progress_bar_config(self, **kwargs):
+        self._progress_config = kwargs
+
+    def progress_bar(self, iterable):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, **self._progress_config)
+
+    def callbacks(self, state: dict, on_step_end=None, tensor_inputs=("latents",), legacy=None, before=None):
+        """One hook for the loop: model-side updates (`before`), then the user's callbacks, in the
+        reference's order; the user's callback may replace any tensor of `state`."""
+        legacy = dict(legacy or {})
+        callback, steps = legacy.pop("callback", None), legacy.pop("callback_steps", None) or 1
+        if legacy:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected argument(s) {sorted(legacy)}")
+        bad = [k for k in tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {self._callback_tensor_inputs}")
+        if on_step_end is None and callback is None and before is None:
+            return None
+
+        def on_step(i, t, x):
+            state["latents"] = before(i, t, x) if before is not None else x
+            if on_step_end is not None:
+                state.update(on_step_end(self, i, t, {k: state[k] for k in tensor_inputs}) or {})
+            if callback is not None and i % steps == 0:
+                callback(i, t, state["latents"])
+            return state["latents"]
+
+        return on_step
+
+
+def download(path_or_repo, variant=None, **hub) -> Path:
+    """A pipeline folder; from the Hub only the files a load reads (safetensors, else .bin; the variant)."""
+    if Path(path_or_repo).is_dir():
+        return Path(path_or_repo)
+    text = ["*.json", "*.txt", "README.md", "*.model"]
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+    folder = resolve(path_or_repo, None, text + [weights], **hub)
+    if not list(folder.rglob("*.safetensors")):
+        folder = resolve(path_or_repo, None, text + ["*.bin"], **hub)
+    return folder
+
+
+def load_component(folder: Path, name: str, index: dict, pipeline_cls, torch_dtype, variant):
+    entry = index.get(name)
+    if entry is None:
+        raise ValueError(f"{folder / 'model_index.json'}: component {name!r} is missing; "
+                         f"{pipeline_cls.__name__} needs {pipeline_cls.components_order}")
+    library, class_name = entry
+    if class_name is None:
+        return None
+    if library == "transformers":
+        import transformers
+
+        if class_name not in TRANSFORMERS_CLASSES:
+            raise ValueError(f"{folder / 'model_index.json'}: {name} is a transformers {class_name}, not supported")
+        cls = getattr(transformers, class_name, None) or getattr(transformers, TRANSFORMERS_ALIASES[class_name])
+        kw = {"dtype": torch_dtype} if torch_dtype is not None and "Model" in class_name else {}
+        return cls.from_pretrained(folder / name, **kw)
+    ours = own_classes()
+    if class_name not in ours:
+        raise ValueError(f"{folder / 'model_index.json'}: {name} is a {library} {class_name}, which cascade "
+                         f"does not implement")
+    cls = ours[class_name]
+    if hasattr(cls, "load"):
+        return cls.load(folder / name, torch_dtype, variant)
+    return cls.from_pretrained(folder / name)
+
+
+def model_card_prior(folder: Path) -> str | None:
+    """The `prior:` entry of a model card's YAML header, as decoder repos name their prior."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    header = card.read_text().split("---")
+    match = re.search(r"^prior:\s*\n\s*-\s*(\S+)|^prior:\s*(\S+)", header[1] if len(header) > 2 else "", re.M)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def connected_prior(combined_cls, prior_cls, folder: Path, index: dict, given: dict, torch_dtype, variant,
+                    hub: dict) -> dict[str, Any]:
+    """A combined pipeline loaded from a decoder folder: the prior pipeline its model card names (a sibling
+    folder or a Hub repo), as `prior_*` components."""
+    if "prior_prior" in index or "prior_prior" in given:
+        return {}
+    prior = model_card_prior(folder)
+    if prior is None:
+        raise ValueError(f"{folder}: no prior_* components in model_index.json and no `prior:` in README.md")
+    local = folder.parent / prior
+    pipe = prior_cls.from_pretrained(local if local.is_dir() else prior, torch_dtype, variant, **hub)
+    return {f"prior_{k}": v for k, v in pipe.components.items()
+            if f"prior_{k}" in combined_cls.components_order and f"prior_{k}" not in given}
+
+
+def call_args(fn: Callable, values: dict) -> dict:
+    """The subset of `values` that `fn` accepts by name (combined pipelines forward by name)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params}

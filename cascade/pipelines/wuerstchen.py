@@ -1,0 +1,258 @@
+"""Würstchen v2: stage C prior (text -> compressed image embeddings) -> stage B decoder -> stage A VQGAN."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type, denoise, guided,
+                   model_card_prior, postprocess, prepare_latents)
+
+# Stage C's recommended schedule: 19 steps over the noisiest third, 10 over the rest.
+DEFAULT_STAGE_C_TIMESTEPS = [*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:]]
+
+
+@dataclass
+class WuerstchenPriorPipelineOutput(Output):
+    image_embeddings: Any
+
+
+def as_list(name: str, texts) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(texts).__name__}")
+    return texts
+
+
+def per_sample_ratio(scheduler):
+    """DDPMWuerstchenScheduler.step takes one ratio per sample; the loop passes one timestep."""
+    return SimpleNamespace(step=lambda out, t, x, **kw: scheduler.step(out, t.expand(x.shape[0]), x, **kw))
+
+
+class WuerstchenStage(DiffusionPipeline):
+    """What both stages share: CLIP last hidden states, the schedule, the loop over all timesteps but 0."""
+
+    def encode(self, prompts: list[str], repeats: int) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        device = self.text_encoder.device
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        return out.last_hidden_state.to(self.device).repeat_interleave(repeats, 0)
+
+    def text_states(self, cond: torch.Tensor, negative: torch.Tensor | None) -> dict:
+        """Conditioning batched [cond, uncond], as the reference guides."""
+        both = cond if negative is None else torch.cat([cond, negative])
+        return {"text_encoder_hidden_states": both, "negative_prompt_embeds": negative}
+
+    def set_timesteps(self, num_inference_steps, timesteps) -> torch.Tensor:
+        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise TypeError(f"num_inference_steps must be a positive int (or pass timesteps), got "
+                            f"{num_inference_steps!r}")
+        self.scheduler.set_timesteps(None if timesteps is not None else num_inference_steps, timesteps=timesteps,
+                                     device=self.device)
+        return self.scheduler.timesteps
+
+    def sample(self, model, guidance_scale, latents, timesteps, generator, on_step):
+        model = guided(model, guidance_scale, combine=torch.lerp, cond_first=True)
+        # The last timestep (0) is only the target of the final step.
+        return denoise(model, per_sample_ratio(self.scheduler), latents, timesteps[:-1], generator, on_step,
+                       self.progress_bar)
+
+
+class WuerstchenPriorPipeline(WuerstchenStage):
+    components_order = ("tokenizer", "text_encoder", "prior", "scheduler")
+    config_values = {"latent_mean": 42.0, "latent_std": 1.0, "resolution_multiple": 42.67}
+    _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds"]
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, height=1024, width=1024, num_inference_steps=60, timesteps=None,
+                 guidance_scale=8.0, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 num_images_per_prompt=1, generator=None, latents=None, output_type="pt", return_dict=True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **kwargs):
+        """Text (or its CLIP hidden states) -> stage C image embeddings of
+        ceil(height / resolution_multiple) x ceil(width / resolution_multiple); `negative_prompt(_embeds)` guide
+        away when guidance_scale > 1. Timesteps are noise ratios in [1, 0], e.g. DEFAULT_STAGE_C_TIMESTEPS."""
+        check_output_type(output_type, ("pt", "np"))
+        batch = self.check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        shape = (batch * num_images_per_prompt, self.prior.config.c_in, *self.embeddings_size(height, width))
+        timesteps = self.set_timesteps(num_inference_steps, timesteps)
+        latents = prepare_latents(shape, generator, latents, self.text_encoder.dtype, self.device)
+        state: dict = {}
+        on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
+        state.update(self.encode_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                         num_images_per_prompt, guidance_scale > 1))
+        model = lambda x, t: self.prior(x, r=t.expand(x.shape[0]), c=state["text_encoder_hidden_states"])  # noqa
+        latents = self.sample(model, guidance_scale, latents, timesteps, generator, on_step)
+        # The reference's denormalisation (not latents * std + mean), which its checkpoints' values assume.
+        embeds = latents * self.latent_mean - self.latent_std
+        embeds = embeds.cpu().float().numpy() if output_type == "np" else embeds
+        return WuerstchenPriorPipelineOutput(embeds) if return_dict else (embeds,)
+
+    def embeddings_size(self, height, width) -> list[int]:
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        return [ceil(s / self.resolution_multiple) for s in (height, width)]
+
+    @staticmethod
+    def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale) -> int:
+        """Validate the text inputs before any model runs; returns the number of prompts."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
+        batch = len(as_list("prompt", prompt)) if prompt is not None else prompt_embeds.shape[0]
+        negative = negative_prompt_embeds if negative_prompt is None else as_list("negative_prompt", negative_prompt)
+        if guidance_scale > 1 and negative is not None and len(negative) != batch:
+            name = "negative_prompt" if negative_prompt is not None else "negative_prompt_embeds"
+            raise ValueError(f"{name}: got a batch of {len(negative)}, prompt has {batch}")
+        if negative_prompt_embeds is not None and prompt_embeds is not None and \
+                negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} differs from "
+                             f"prompt_embeds {tuple(prompt_embeds.shape)}")
+        return batch
+
+    def encode_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n, guide) -> dict:
+        """CLIP hidden states per image, [cond, uncond] when guiding; given embeddings are taken as they are."""
+
+        def states(texts, embeds):
+            if embeds is None:
+                return self.encode(as_list("prompt", texts), n)
+            return embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(n, 0)
+
+        cond = states(prompt, prompt_embeds)
+        negative = negative_prompt if negative_prompt is not None else [""] * (cond.shape[0] // n)
+        return self.text_states(cond, states(negative, negative_prompt_embeds) if guide else None)
+
+
+class WuerstchenDecoderPipeline(WuerstchenStage):
+    components_order = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan")
+    config_values = {"latent_dim_scale": 10.67}
+    _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds", "image_embeddings"]
+
+    @torch.no_grad()
+    def __call__(self, image_embeddings, prompt=None, num_inference_steps=12, timesteps=None, guidance_scale=0.0,
+                 negative_prompt=None, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
+                 return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 **kwargs):
+        """Stage C embeddings (B, C, h, w) -> images of about 42.67 h x 42.67 w pixels. With P prompts, prompt i
+        conditions the i-th of P equal runs of embeddings; each embedding gives num_images_per_prompt images."""
+        embeds = torch.as_tensor(torch.cat(image_embeddings) if isinstance(image_embeddings, list)
+                                 else image_embeddings).to(self.device, self.decoder.dtype)
+        prompts, negative = self.check_inputs(embeds.shape, prompt, negative_prompt, output_type, guidance_scale)
+        shape = (embeds.shape[0] * num_images_per_prompt, self.decoder.config.c_in, *self.latent_size(embeds.shape))
+        timesteps = self.set_timesteps(num_inference_steps, timesteps)
+        latents = prepare_latents(shape, generator, latents, self.decoder.dtype, self.device)
+        state = {"image_embeddings": embeds.repeat_interleave(num_images_per_prompt, 0)}
+        on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
+        repeats = shape[0] // len(prompts)
+        state.update(self.text_states(self.encode(prompts, repeats), negative and self.encode(negative, repeats)))
+        latents = self.sample(self.decoder_fn(state), guidance_scale, latents, timesteps, generator, on_step)
+        if output_type != "latent":
+            # Stage A decodes to [0, 1]; postprocess takes [-1, 1].
+            image = self.vqgan.decode(latents * self.vqgan.config.scale_factor).sample
+            latents = postprocess(image * 2 - 1, output_type)
+        return ImagePipelineOutput(latents) if return_dict else (latents,)
+
+    def decoder_fn(self, state):
+        def fn(x, t):
+            effnet = state["image_embeddings"]
+            if x.shape[0] != effnet.shape[0]:  # guiding: the unconditional half sees no image embeddings
+                effnet = torch.cat([effnet, torch.zeros_like(effnet)])
+            return self.decoder(x, r=t.expand(x.shape[0]), effnet=effnet, clip=state["text_encoder_hidden_states"])
+
+        return fn
+
+    def latent_size(self, embeddings_shape) -> list[int]:
+        """Stage B's latent size, which its U-Net must halve evenly at every level."""
+        size = [int(s * self.latent_dim_scale) for s in embeddings_shape[-2:]]
+        k = self.decoder.config
+        multiple = k.patch_size * 2 ** (len(k.c_hidden) - 1)
+        if size[0] % multiple or size[1] % multiple:
+            raise ValueError(f"image_embeddings: {tuple(embeddings_shape[-2:])} gives stage B latents of {size}, "
+                             f"not multiples of {multiple}; choose a height and width in steps of 128 pixels")
+        return size
+
+    def check_inputs(self, embeddings_shape, prompt, negative_prompt, output_type, guidance_scale):
+        """Validate before any model runs; returns the prompts, and the negative ones when guiding."""
+        check_output_type(output_type)
+        if len(embeddings_shape) != 4 or embeddings_shape[1] != self.decoder.config.effnet_embd:
+            raise ValueError(f"image_embeddings: expected (B, {self.decoder.config.effnet_embd}, h, w), got "
+                             f"{tuple(embeddings_shape)}")
+        prompts = as_list("prompt", prompt)
+        if embeddings_shape[0] % len(prompts):
+            raise ValueError(f"prompt: {len(prompts)} prompts cannot share {embeddings_shape[0]} image embeddings")
+        self.latent_size(embeddings_shape)
+        if guidance_scale <= 1:  # negative prompts are ignored, as in the reference
+            return prompts, None
+        negative = as_list("negative_prompt", negative_prompt) if negative_prompt is not None else [""] * len(prompts)
+        if len(negative) != len(prompts):
+            raise ValueError(f"negative_prompt: got {len(negative)} prompts, prompt has {len(prompts)}")
+        return prompts, negative
+
+
+class WuerstchenCombinedPipeline(DiffusionPipeline):
+    """Prior and decoder in one object: components of the prior carry a `prior_` prefix."""
+
+    components_order = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan", "prior_tokenizer",
+                        "prior_text_encoder", "prior_prior", "prior_scheduler")
+    _callback_tensor_inputs = WuerstchenDecoderPipeline._callback_tensor_inputs
+
+    @property
+    def prior_pipe(self) -> WuerstchenPriorPipeline:
+        pipe = WuerstchenPriorPipeline(**{n[6:]: getattr(self, n) for n in self.components_order[5:]})
+        pipe.set_progress_bar_config(**self._progress_config)
+        return pipe
+
+    @property
+    def decoder_pipe(self) -> WuerstchenDecoderPipeline:
+        pipe = WuerstchenDecoderPipeline(**{n: getattr(self, n) for n in self.components_order[:5]})
+        pipe.set_progress_bar_config(**self._progress_config)
+        return pipe
+
+    @classmethod
+    def missing_parts(cls, folder, index, given, torch_dtype, variant, hub):
+        if "prior_prior" in index or "prior_prior" in given:
+            return {}
+        prior = model_card_prior(folder)
+        if prior is None:
+            raise ValueError(f"{folder}: no prior_* components in model_index.json and no `prior:` in README.md")
+        local = folder.parent / prior
+        pipe = WuerstchenPriorPipeline.from_pretrained(local if local.is_dir() else prior, torch_dtype, variant, **hub)
+        return {f"prior_{k}": v for k, v in pipe.components.items() if f"prior_{k}" in cls.components_order}
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, height=512, width=512, prior_num_inference_steps=60, prior_timesteps=None,
+                 prior_guidance_scale=4.0, num_inference_steps=12, decoder_timesteps=None, decoder_guidance_scale=0.0,
+                 negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, num_images_per_prompt=1,
+                 generator=None, latents=None, output_type="pil", return_dict=True, prior_callback_on_step_end=None,
+                 prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **kwargs):
+        """Text -> images: stage C's embeddings decoded by stages B and A. `latents` are stage C's; `prior_*`
+        arguments (and `prior_callback`, `prior_callback_steps`) go to stage C, `decoder_*` to stage B."""
+        return self.chain(locals())
+
+    def chain(self, args: dict):
+        """Check what the decoder will need, run the prior, then the decoder on its embeddings, by name."""
+        args = {k: v for k, v in args.items() if k not in ("self", "__class__")}
+        args.update(args.pop("kwargs"))
+        prior_args = {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
+        args.update({k[8:]: args.pop(k) for k in list(args) if k.startswith("decoder_")})
+        prior_args.update({k: args.pop(k) for k in ("height", "width", "prompt_embeds", "negative_prompt_embeds",
+                                                    "latents", "num_images_per_prompt")}, generator=args["generator"])
+        prior_args["prompt"] = args["prompt"] if prior_args["prompt_embeds"] is None else None
+        prior_args["negative_prompt"] = args["negative_prompt"] if prior_args["negative_prompt_embeds"] is None else None
+        args["prompt"] = "" if args["prompt"] is None else args["prompt"]
+        prior, decoder = self.prior_pipe, self.decoder_pipe
+        size = prior.embeddings_size(prior_args["height"], prior_args["width"])
+        rows = len(args["prompt"]) if isinstance(args["prompt"], list) else 1
+        decoder.check_inputs((rows, decoder.decoder.config.effnet_embd, *size), **call_args(decoder.check_inputs, args))
+        named = call_args(WuerstchenDecoderPipeline.__call__, args)
+        decoder.callbacks({}, args["callback_on_step_end"], args["callback_on_step_end_tensor_inputs"],
+                          {k: v for k, v in args.items() if k not in named})
+        embeds = prior(**prior_args, output_type="pt", return_dict=False)[0]
+        return decoder(embeds, **args)
