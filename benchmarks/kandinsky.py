@@ -24,7 +24,7 @@ def build(folder: Path, width: float):
     from cascade import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel, presets
 
     torch.manual_seed(0)
-    scale = lambda cs: tuple(max(32, int(c * width) // 32 * 32) for c in cs)  # noqa: E731
+    scale = lambda cs: tuple(max(64, round(c * width / 64) * 64) for c in cs)  # noqa: E731  (heads of 64)
     unet = UNet2DConditionModel(**{**presets.KANDINSKY22_UNET,
                                    "block_out_channels": scale(presets.KANDINSKY22_UNET["block_out_channels"])})
     movq = VQModel(**{**presets.MOVQ, "block_out_channels": scale(presets.MOVQ["block_out_channels"])})

@@ -15,6 +15,7 @@ import torch
 from ..config import DIFFUSERS_VERSION, read_json, write_json
 from ..loading import resolve
 from ..schedulers.base import randn_tensor
+from .offload import OffloadMixin
 
 # The transformers classes a model_index.json may name (never imported by name otherwise), and what reads
 # names that other transformers versions write.
@@ -197,7 +198,7 @@ def postprocess(image: torch.Tensor, output_type: str, unit_pt: bool = True):
 
 # --------------------------------------------------------------------------------------------- the base
 
-class DiffusionPipeline:
+class DiffusionPipeline(OffloadMixin):
     """Components by name, loading and saving in the reference's layout, device, progress and callbacks."""
 
     components_order: ClassVar[tuple[str, ...]] = ()
@@ -270,6 +271,9 @@ class DiffusionPipeline:
     # --- device and dtype
     @property
     def device(self) -> torch.device:
+        """Where inputs and latents live: the offload target when offloading, else the models' device."""
+        if self._offload_device is not None:
+            return self._offload_device
         for m in self.modules().values():
             return next(m.parameters()).device
         return torch.device("cpu")
@@ -286,6 +290,23 @@ class DiffusionPipeline:
         for m in self.modules().values():
             m.to(*args, **kwargs)
         return self
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **overrides):
+        """This pipeline built from another's components (shared, not copied), any of them replaced."""
+        parts = {**pipeline.components, **overrides}
+        missing = [n for n in cls.components_order if n not in parts and n not in cls._optional_components]
+        if missing:
+            raise ValueError(f"{cls.__name__}.from_pipe: {type(pipeline).__name__} has no {missing}; pass them")
+        names = cls.components_order + tuple(cls.config_values)
+        return pipeline.derive(cls, **{n: parts[n] for n in names if n in parts})
+
+    def derive(self, cls, **components):
+        """Another pipeline over (some of) these components, keeping progress and offload settings."""
+        pipe = cls(**components)
+        pipe._progress_config = dict(self._progress_config)
+        pipe._offload_device = self._offload_device
+        return pipe
 
     # --- progress and callbacks
     def set_progress_bar_config(self, **kwargs):
@@ -318,6 +339,33 @@ class DiffusionPipeline:
             return state["latents"]
 
         return on_step
+
+    # --- attention and FreeU switches of the models (cascade/attention_options.py, UNet2DConditionModel)
+    def for_models(self, method: str, *args) -> list:
+        """Call `method` on every component model that has it; the models it was called on."""
+        models = [m for m in self.modules().values() if hasattr(m, method)]
+        for m in models:
+            getattr(m, method)(*args)
+        return models
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        self.for_models("set_attention_slice", slice_size)
+
+    def disable_attention_slicing(self):
+        self.for_models("set_attention_slice", None)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        self.for_models("set_use_memory_efficient_attention_xformers", True, attention_op)
+
+    def disable_xformers_memory_efficient_attention(self):
+        self.for_models("set_use_memory_efficient_attention_xformers", False)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float):
+        if not self.for_models("enable_freeu", s1, s2, b1, b2):
+            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel to apply FreeU to")
+
+    def disable_freeu(self):
+        self.for_models("disable_freeu")
 
 
 def download(path_or_repo, variant=None, **hub) -> Path:
@@ -366,6 +414,13 @@ def model_card_prior(folder: Path) -> str | None:
     header = card.read_text().split("---")
     match = re.search(r"^prior:\s*\n\s*-\s*(\S+)|^prior:\s*(\S+)", header[1] if len(header) > 2 else "", re.M)
     return (match.group(1) or match.group(2)) if match else None
+
+
+def sub_pipeline(pipe: DiffusionPipeline, cls: type, prefix: str = ""):
+    """A `cls` pipeline over the components `pipe` holds as `prefix + name` (combined pipelines' stages)."""
+    sub = cls(**{n: getattr(pipe, prefix + n) for n in cls.components_order if prefix + n in pipe.components})
+    sub.set_progress_bar_config(**pipe._progress_config)
+    return sub
 
 
 def connected_prior(combined_cls, prior_cls, folder: Path, index: dict, given: dict, torch_dtype, variant,

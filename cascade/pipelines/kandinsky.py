@@ -397,15 +397,11 @@ class KandinskyCombinedBase(DiffusionPipeline):
 
     @property
     def prior_pipe(self) -> KandinskyV22PriorPipeline:
-        pipe = KandinskyV22PriorPipeline(**{n[6:]: getattr(self, n) for n in self.components_order[3:]})
-        pipe.set_progress_bar_config(**self._progress_config)
-        return pipe
+        return self.derive(KandinskyV22PriorPipeline, **{n[6:]: getattr(self, n) for n in self.components_order[3:]})
 
     @property
     def decoder_pipe(self) -> KandinskyDecoderBase:
-        pipe = self.decoder_class(unet=self.unet, scheduler=self.scheduler, movq=self.movq)
-        pipe.set_progress_bar_config(**self._progress_config)
-        return pipe
+        return self.derive(self.decoder_class, unet=self.unet, scheduler=self.scheduler, movq=self.movq)
 
     @classmethod
     def missing_parts(cls, folder, index, given, torch_dtype, variant, hub):
