@@ -398,9 +398,9 @@ def test_missing_component_and_unsupported_option(kandinsky_root, tmp_path):
     with pytest.raises(ValueError, match="movq"):
         cascade.KandinskyV22Pipeline.from_pretrained(tmp_path / "k")
     config = json.loads((tmp_path / "k" / "unet" / "config.json").read_text())
-    config["time_embedding_type"] = "fourier"
+    config["class_embeddings_concat"] = True
     (tmp_path / "k" / "unet" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json.*time_embedding_type"):
+    with pytest.raises(ValueError, match="config.json.*class_embeddings_concat"):
         cascade.UNet2DConditionModel.from_pretrained(tmp_path / "k", subfolder="unet")
 
 

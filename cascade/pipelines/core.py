@@ -418,9 +418,8 @@ def model_card_prior(folder: Path) -> str | None:
 
 def sub_pipeline(pipe: DiffusionPipeline, cls: type, prefix: str = ""):
     """A `cls` pipeline over the components `pipe` holds as `prefix + name` (combined pipelines' stages)."""
-    sub = cls(**{n: getattr(pipe, prefix + n) for n in cls.components_order if prefix + n in pipe.components})
-    sub.set_progress_bar_config(**pipe._progress_config)
-    return sub
+    return pipe.derive(cls, **{n: getattr(pipe, prefix + n) for n in cls.components_order
+                               if prefix + n in pipe.components})
 
 
 def connected_prior(combined_cls, prior_cls, folder: Path, index: dict, given: dict, torch_dtype, variant,

@@ -5,12 +5,14 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type, check_strength,
-                   denoise, encode_text, guided, model_card_prior, noised_start, postprocess, prepare_latents,
-                   to_tensor_batch, with_next_timestep)
+                   connected_prior, denoise, encode_text, guided, noised_start, postprocess, prepare_latents,
+                   sub_pipeline, to_tensor_batch, with_next_timestep)
 
 
 @dataclass
@@ -323,13 +325,10 @@ def mask_batch(mask_image, height, width) -> torch.Tensor:
             raise ValueError("mask_image: tensor values must be in [0, 1]")
     else:
         masks = mask_image if isinstance(mask_image, list) else [mask_image]
-        if hasattr(masks[0], "convert"):
-            import PIL.Image
-
-            masks = [m.resize((width, height), resample=PIL.Image.LANCZOS).convert("L") for m in masks]
-            m = torch.stack([torch.from_numpy(__import__("numpy").asarray(x, "float32") / 255.0) for x in masks])
-        else:
-            m = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in masks])
+        if isinstance(masks[0], PIL.Image.Image):
+            masks = [np.asarray(m.resize((width, height), resample=PIL.Image.LANCZOS).convert("L"), np.float32) / 255
+                     for m in masks]
+        m = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in masks])
         m = m[:, None] if m.ndim == 3 else m
     return 1 - (m >= 0.5).float()
 
@@ -397,23 +396,15 @@ class KandinskyCombinedBase(DiffusionPipeline):
 
     @property
     def prior_pipe(self) -> KandinskyV22PriorPipeline:
-        return self.derive(KandinskyV22PriorPipeline, **{n[6:]: getattr(self, n) for n in self.components_order[3:]})
+        return sub_pipeline(self, KandinskyV22PriorPipeline, "prior_")
 
     @property
     def decoder_pipe(self) -> KandinskyDecoderBase:
-        return self.derive(self.decoder_class, unet=self.unet, scheduler=self.scheduler, movq=self.movq)
+        return sub_pipeline(self, self.decoder_class)
 
     @classmethod
     def missing_parts(cls, folder, index, given, torch_dtype, variant, hub):
-        if "prior_prior" in index or "prior_prior" in given:
-            return {}
-        prior = model_card_prior(folder)
-        if prior is None:
-            raise ValueError(f"{folder}: no prior_* components in model_index.json and no `prior:` in README.md")
-        local = folder.parent / prior
-        pipe = KandinskyV22PriorPipeline.from_pretrained(local if local.is_dir() else prior, torch_dtype, variant,
-                                                         **hub)
-        return {f"prior_{k}": v for k, v in pipe.components.items() if f"prior_{k}" not in given}
+        return connected_prior(cls, KandinskyV22PriorPipeline, folder, index, given, torch_dtype, variant, hub)
 
     def chain(self, args: dict):
         """Run the prior, then the decoder on its embeddings, forwarding every argument by name."""
