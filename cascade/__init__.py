@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "cascade.pipelines.core": ["DiffusionPipeline", "ImagePipelineOutput"],
+    "cascade.pipelines.auto": ["AutoPipelineForText2Image", "AutoPipelineForImage2Image", "AutoPipelineForInpainting"],
     "cascade.pipelines.kandinsky": [
         "KandinskyPriorPipelineOutput", "KandinskyV22PriorPipeline", "KandinskyV22PriorEmb2EmbPipeline",
         "KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22InpaintPipeline",
@@ -17,8 +18,10 @@ _EXPORTS = {
         "WuerstchenPriorPipeline", "WuerstchenDecoderPipeline", "WuerstchenCombinedPipeline",
         "WuerstchenPriorPipelineOutput", "DEFAULT_STAGE_C_TIMESTEPS",
     ],
-    "cascade.models": ["UNet2DConditionModel", "VQModel", "PriorTransformer", "AutoencoderKL", "WuerstchenPrior",
-                       "WuerstchenDiffNeXt", "PaellaVQModel"],
+    "cascade.pipelines.unclip": ["UnCLIPPipeline", "UnCLIPImageVariationPipeline"],
+    "cascade.pipelines.latent_upscale": ["StableDiffusionLatentUpscalePipeline", "StableDiffusionPipelineOutput"],
+    "cascade.models": ["UNet2DConditionModel", "UNet2DModel", "UnCLIPTextProjModel", "VQModel", "PriorTransformer",
+                       "AutoencoderKL", "WuerstchenPrior", "WuerstchenDiffNeXt", "PaellaVQModel"],
     "cascade.schedulers": ["DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler", "DDPMWuerstchenScheduler",
                            "EulerDiscreteScheduler"],
 }

@@ -26,6 +26,13 @@ def assert_close(ours, ref, atol=1e-4):
     return err
 
 
+def load(lib, name, folder, **kw):
+    """`name` from library `lib` (cascade or the reference) loaded from `folder`, progress bars off."""
+    pipe = getattr(lib, name).from_pretrained(folder, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def kandinsky_root(tmp_path_factory):
     import tiny

@@ -3,18 +3,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, load
 
 import cascade
 
 STEPS = 3
 SIZE = dict(height=32, width=32)
-
-
-def load(lib, name, folder, **kw):
-    pipe = getattr(lib, name).from_pretrained(folder, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,8 @@ def guided(model, scale, combine=cfg, cond_first=False, learned_variance=False):
 
 
 def prepare_latents(shape, generator, latents, dtype, device, sigma=1.0):
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(f"generator: got a list of {len(generator)}, the batch has {shape[0]} samples")
     if latents is None:
         latents = randn_tensor(shape, generator, device, dtype)
     elif tuple(latents.shape) != tuple(shape):

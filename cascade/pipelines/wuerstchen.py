@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type, denoise, guided,
-                   model_card_prior, postprocess, prepare_latents)
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
+                   connected_prior, denoise, guided, postprocess, prepare_latents, sub_pipeline)
 
 # Stage C's recommended schedule: 19 steps over the noisiest third, 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:]]
@@ -28,6 +28,13 @@ def as_list(name: str, texts) -> list[str]:
     return texts
 
 
+def as_batch(name: str, x) -> torch.Tensor:
+    x = torch.cat(x) if isinstance(x, list) else x
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"{name} must be a tensor, numpy array or list of tensors, got {type(x).__name__}")
+    return torch.as_tensor(x)
+
+
 def per_sample_ratio(scheduler):
     """DDPMWuerstchenScheduler.step takes one ratio per sample; the loop passes one timestep."""
     return SimpleNamespace(step=lambda out, t, x, **kw: scheduler.step(out, t.expand(x.shape[0]), x, **kw))
@@ -43,7 +50,8 @@ class WuerstchenStage(DiffusionPipeline):
         out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
         return out.last_hidden_state.to(self.device).repeat_interleave(repeats, 0)
 
-    def text_states(self, cond: torch.Tensor, negative: torch.Tensor | None) -> dict:
+    @staticmethod
+    def text_states(cond: torch.Tensor, negative: torch.Tensor | None) -> dict:
         """Conditioning batched [cond, uncond], as the reference guides."""
         both = cond if negative is None else torch.cat([cond, negative])
         return {"text_encoder_hidden_states": both, "negative_prompt_embeds": negative}
@@ -52,8 +60,7 @@ class WuerstchenStage(DiffusionPipeline):
         if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise TypeError(f"num_inference_steps must be a positive int (or pass timesteps), got "
                             f"{num_inference_steps!r}")
-        self.scheduler.set_timesteps(None if timesteps is not None else num_inference_steps, timesteps=timesteps,
-                                     device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, timesteps, self.device)  # timesteps take precedence
         return self.scheduler.timesteps
 
     def sample(self, model, guidance_scale, latents, timesteps, generator, on_step):
@@ -73,19 +80,22 @@ class WuerstchenPriorPipeline(WuerstchenStage):
                  guidance_scale=8.0, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_images_per_prompt=1, generator=None, latents=None, output_type="pt", return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **kwargs):
-        """Text (or its CLIP hidden states) -> stage C image embeddings of
-        ceil(height / resolution_multiple) x ceil(width / resolution_multiple); `negative_prompt(_embeds)` guide
-        away when guidance_scale > 1. Timesteps are noise ratios in [1, 0], e.g. DEFAULT_STAGE_C_TIMESTEPS."""
+        """Text (or its CLIP hidden states) -> stage C image embeddings of ceil(height / resolution_multiple)
+        x ceil(width / resolution_multiple); negative prompts (or embeddings) guide away when guidance_scale
+        > 1. `timesteps` are noise ratios from 1 down to 0, e.g. DEFAULT_STAGE_C_TIMESTEPS."""
         check_output_type(output_type, ("pt", "np"))
-        batch = self.check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        texts = (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        batch = self.check_prompts(*texts, guidance_scale)
         shape = (batch * num_images_per_prompt, self.prior.config.c_in, *self.embeddings_size(height, width))
         timesteps = self.set_timesteps(num_inference_steps, timesteps)
         latents = prepare_latents(shape, generator, latents, self.text_encoder.dtype, self.device)
         state: dict = {}
         on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
-        state.update(self.encode_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                         num_images_per_prompt, guidance_scale > 1))
-        model = lambda x, t: self.prior(x, r=t.expand(x.shape[0]), c=state["text_encoder_hidden_states"])  # noqa
+        state.update(self.encode_prompts(*texts, num_images_per_prompt, guidance_scale > 1))
+
+        def model(x, t):
+            return self.prior(x, r=t.expand(x.shape[0]), c=state["text_encoder_hidden_states"])
+
         latents = self.sample(model, guidance_scale, latents, timesteps, generator, on_step)
         # The reference's denormalisation (not latents * std + mean), which its checkpoints' values assume.
         embeds = latents * self.latent_mean - self.latent_std
@@ -106,18 +116,18 @@ class WuerstchenPriorPipeline(WuerstchenStage):
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
         batch = len(as_list("prompt", prompt)) if prompt is not None else prompt_embeds.shape[0]
-        negative = negative_prompt_embeds if negative_prompt is None else as_list("negative_prompt", negative_prompt)
+        name = "negative_prompt" if negative_prompt is not None else "negative_prompt_embeds"
+        negative = as_list(name, negative_prompt) if negative_prompt is not None else negative_prompt_embeds
         if guidance_scale > 1 and negative is not None and len(negative) != batch:
-            name = "negative_prompt" if negative_prompt is not None else "negative_prompt_embeds"
             raise ValueError(f"{name}: got a batch of {len(negative)}, prompt has {batch}")
-        if negative_prompt_embeds is not None and prompt_embeds is not None and \
-                negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} differs from "
-                             f"prompt_embeds {tuple(prompt_embeds.shape)}")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and \
+                prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} is not "
+                             f"prompt_embeds' {tuple(prompt_embeds.shape)}")
         return batch
 
-    def encode_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n, guide) -> dict:
-        """CLIP hidden states per image, [cond, uncond] when guiding; given embeddings are taken as they are."""
+    def encode_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n, guide):
+        """CLIP hidden states per image, [cond, uncond] when guiding; given embeddings are used as is."""
 
         def states(texts, embeds):
             if embeds is None:
@@ -132,26 +142,33 @@ class WuerstchenPriorPipeline(WuerstchenStage):
 class WuerstchenDecoderPipeline(WuerstchenStage):
     components_order = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan")
     config_values = {"latent_dim_scale": 10.67}
-    _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds", "image_embeddings"]
+    _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds",
+                               "image_embeddings"]
 
     @torch.no_grad()
-    def __call__(self, image_embeddings, prompt=None, num_inference_steps=12, timesteps=None, guidance_scale=0.0,
-                 negative_prompt=None, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
-                 return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 **kwargs):
-        """Stage C embeddings (B, C, h, w) -> images of about 42.67 h x 42.67 w pixels. With P prompts, prompt i
-        conditions the i-th of P equal runs of embeddings; each embedding gives num_images_per_prompt images."""
-        embeds = torch.as_tensor(torch.cat(image_embeddings) if isinstance(image_embeddings, list)
-                                 else image_embeddings).to(self.device, self.decoder.dtype)
-        prompts, negative = self.check_inputs(embeds.shape, prompt, negative_prompt, output_type, guidance_scale)
-        shape = (embeds.shape[0] * num_images_per_prompt, self.decoder.config.c_in, *self.latent_size(embeds.shape))
+    def __call__(self, image_embeddings, prompt=None, num_inference_steps=12, timesteps=None,
+                 guidance_scale=0.0, negative_prompt=None, num_images_per_prompt=1, generator=None,
+                 latents=None, output_type="pil", return_dict=True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **kwargs):
+        """Stage C embeddings (B, C, h, w) -> images of about 42.67h x 42.67w pixels. With P prompts,
+        prompt i conditions the i-th of P equal runs of embeddings; each embedding gives
+        num_images_per_prompt images."""
+        embeds = as_batch("image_embeddings", image_embeddings).to(self.device, self.decoder.dtype)
+        prompts, negative = self.check_inputs(embeds.shape, prompt, negative_prompt, output_type,
+                                              guidance_scale)
+        n = num_images_per_prompt
+        shape = (embeds.shape[0] * n, self.decoder.config.c_in, *self.latent_size(embeds.shape))
         timesteps = self.set_timesteps(num_inference_steps, timesteps)
         latents = prepare_latents(shape, generator, latents, self.decoder.dtype, self.device)
-        state = {"image_embeddings": embeds.repeat_interleave(num_images_per_prompt, 0)}
+        state = {"image_embeddings": embeds.repeat_interleave(n, 0)}
         on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
         repeats = shape[0] // len(prompts)
-        state.update(self.text_states(self.encode(prompts, repeats), negative and self.encode(negative, repeats)))
+        negative = negative and self.encode(negative, repeats)
+        state.update(self.text_states(self.encode(prompts, repeats), negative))
         latents = self.sample(self.decoder_fn(state), guidance_scale, latents, timesteps, generator, on_step)
+        return self.decode(latents, output_type, return_dict)
+
+    def decode(self, latents, output_type, return_dict):
         if output_type != "latent":
             # Stage A decodes to [0, 1]; postprocess takes [-1, 1].
             image = self.vqgan.decode(latents * self.vqgan.config.scale_factor).sample
@@ -163,7 +180,8 @@ class WuerstchenDecoderPipeline(WuerstchenStage):
             effnet = state["image_embeddings"]
             if x.shape[0] != effnet.shape[0]:  # guiding: the unconditional half sees no image embeddings
                 effnet = torch.cat([effnet, torch.zeros_like(effnet)])
-            return self.decoder(x, r=t.expand(x.shape[0]), effnet=effnet, clip=state["text_encoder_hidden_states"])
+            clip = state["text_encoder_hidden_states"]
+            return self.decoder(x, r=t.expand(x.shape[0]), effnet=effnet, clip=clip)
 
         return fn
 
@@ -173,23 +191,25 @@ class WuerstchenDecoderPipeline(WuerstchenStage):
         k = self.decoder.config
         multiple = k.patch_size * 2 ** (len(k.c_hidden) - 1)
         if size[0] % multiple or size[1] % multiple:
-            raise ValueError(f"image_embeddings: {tuple(embeddings_shape[-2:])} gives stage B latents of {size}, "
-                             f"not multiples of {multiple}; choose a height and width in steps of 128 pixels")
+            raise ValueError(f"image_embeddings: {tuple(embeddings_shape[-2:])} gives stage B latents of "
+                             f"{size}, not multiples of {multiple}; use height and width in steps of 128 px")
         return size
 
     def check_inputs(self, embeddings_shape, prompt, negative_prompt, output_type, guidance_scale):
         """Validate before any model runs; returns the prompts, and the negative ones when guiding."""
         check_output_type(output_type)
-        if len(embeddings_shape) != 4 or embeddings_shape[1] != self.decoder.config.effnet_embd:
-            raise ValueError(f"image_embeddings: expected (B, {self.decoder.config.effnet_embd}, h, w), got "
-                             f"{tuple(embeddings_shape)}")
+        c = self.decoder.config.effnet_embd
+        if len(embeddings_shape) != 4 or embeddings_shape[1] != c:
+            raise ValueError(f"image_embeddings: shape {tuple(embeddings_shape)} is not (B, {c}, h, w)")
         prompts = as_list("prompt", prompt)
         if embeddings_shape[0] % len(prompts):
-            raise ValueError(f"prompt: {len(prompts)} prompts cannot share {embeddings_shape[0]} image embeddings")
+            raise ValueError(f"prompt: {len(prompts)} prompts cannot share {embeddings_shape[0]} image "
+                             f"embeddings")
         self.latent_size(embeddings_shape)
         if guidance_scale <= 1:  # negative prompts are ignored, as in the reference
             return prompts, None
-        negative = as_list("negative_prompt", negative_prompt) if negative_prompt is not None else [""] * len(prompts)
+        negative = [""] * len(prompts) if negative_prompt is None else negative_prompt
+        negative = as_list("negative_prompt", negative)
         if len(negative) != len(prompts):
             raise ValueError(f"negative_prompt: got {len(negative)} prompts, prompt has {len(prompts)}")
         return prompts, negative
@@ -202,36 +222,21 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
                         "prior_text_encoder", "prior_prior", "prior_scheduler")
     _callback_tensor_inputs = WuerstchenDecoderPipeline._callback_tensor_inputs
 
-    @property
-    def prior_pipe(self) -> WuerstchenPriorPipeline:
-        pipe = WuerstchenPriorPipeline(**{n[6:]: getattr(self, n) for n in self.components_order[5:]})
-        pipe.set_progress_bar_config(**self._progress_config)
-        return pipe
-
-    @property
-    def decoder_pipe(self) -> WuerstchenDecoderPipeline:
-        pipe = WuerstchenDecoderPipeline(**{n: getattr(self, n) for n in self.components_order[:5]})
-        pipe.set_progress_bar_config(**self._progress_config)
-        return pipe
+    prior_pipe = property(lambda self: sub_pipeline(self, WuerstchenPriorPipeline, "prior_"))
+    decoder_pipe = property(lambda self: sub_pipeline(self, WuerstchenDecoderPipeline))
 
     @classmethod
     def missing_parts(cls, folder, index, given, torch_dtype, variant, hub):
-        if "prior_prior" in index or "prior_prior" in given:
-            return {}
-        prior = model_card_prior(folder)
-        if prior is None:
-            raise ValueError(f"{folder}: no prior_* components in model_index.json and no `prior:` in README.md")
-        local = folder.parent / prior
-        pipe = WuerstchenPriorPipeline.from_pretrained(local if local.is_dir() else prior, torch_dtype, variant, **hub)
-        return {f"prior_{k}": v for k, v in pipe.components.items() if f"prior_{k}" in cls.components_order}
+        return connected_prior(cls, WuerstchenPriorPipeline, folder, index, given, torch_dtype, variant, hub)
 
     @torch.no_grad()
     def __call__(self, prompt=None, height=512, width=512, prior_num_inference_steps=60, prior_timesteps=None,
-                 prior_guidance_scale=4.0, num_inference_steps=12, decoder_timesteps=None, decoder_guidance_scale=0.0,
-                 negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, num_images_per_prompt=1,
-                 generator=None, latents=None, output_type="pil", return_dict=True, prior_callback_on_step_end=None,
-                 prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), **kwargs):
+                 prior_guidance_scale=4.0, num_inference_steps=12, decoder_timesteps=None,
+                 decoder_guidance_scale=0.0, negative_prompt=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, num_images_per_prompt=1, generator=None, latents=None,
+                 output_type="pil", return_dict=True,
+                 prior_callback_on_step_end=None, prior_callback_on_step_end_tensor_inputs=("latents",),
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **kwargs):
         """Text -> images: stage C's embeddings decoded by stages B and A. `latents` are stage C's; `prior_*`
         arguments (and `prior_callback`, `prior_callback_steps`) go to stage C, `decoder_*` to stage B."""
         return self.chain(locals())
@@ -242,15 +247,17 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
         args.update(args.pop("kwargs"))
         prior_args = {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
         args.update({k[8:]: args.pop(k) for k in list(args) if k.startswith("decoder_")})
-        prior_args.update({k: args.pop(k) for k in ("height", "width", "prompt_embeds", "negative_prompt_embeds",
-                                                    "latents", "num_images_per_prompt")}, generator=args["generator"])
-        prior_args["prompt"] = args["prompt"] if prior_args["prompt_embeds"] is None else None
-        prior_args["negative_prompt"] = args["negative_prompt"] if prior_args["negative_prompt_embeds"] is None else None
+        prior_only = ("height", "width", "prompt_embeds", "negative_prompt_embeds", "latents",
+                      "num_images_per_prompt")
+        prior_args.update({k: args.pop(k) for k in prior_only}, generator=args["generator"])
+        for name in ("prompt", "negative_prompt"):  # embeddings given take the place of text
+            prior_args[name] = args[name] if prior_args[f"{name}_embeds"] is None else None
         args["prompt"] = "" if args["prompt"] is None else args["prompt"]
         prior, decoder = self.prior_pipe, self.decoder_pipe
-        size = prior.embeddings_size(prior_args["height"], prior_args["width"])
         rows = len(args["prompt"]) if isinstance(args["prompt"], list) else 1
-        decoder.check_inputs((rows, decoder.decoder.config.effnet_embd, *size), **call_args(decoder.check_inputs, args))
+        size = prior.embeddings_size(prior_args["height"], prior_args["width"])
+        shape = (rows, decoder.decoder.config.effnet_embd, *size)
+        decoder.check_inputs(shape, **call_args(decoder.check_inputs, args))
         named = call_args(WuerstchenDecoderPipeline.__call__, args)
         decoder.callbacks({}, args["callback_on_step_end"], args["callback_on_step_end_tensor_inputs"],
                           {k: v for k, v in args.items() if k not in named})
