@@ -122,7 +122,7 @@ def test_checkpoints_cross_load(tmp_path, name):
 
 @pytest.mark.parametrize("change", [
     dict(down_block_types=["CrossAttnDownBlock2D"] * 3), dict(mid_block_type="UNetMidBlock2DCrossAttn"),
-    dict(class_embed_type="timestep"), dict(encoder_hid_dim_type=None), dict(time_embedding_type="fourier"),
+    dict(class_embed_type="timestep"), dict(encoder_hid_dim_type=None), dict(time_embedding_type="learned"),
 ])
 def test_unsupported_config_is_rejected(change):
     with pytest.raises(ValueError):
