@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .attention_options import AttentionOptions
 from .config import Configurable, read_json, write_json
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -87,7 +88,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         raise RuntimeError(f"{type(model).__name__}: {leftover[0]} was never loaded")
 
 
-class ModelMixin(Configurable, nn.Module):
+class ModelMixin(Configurable, AttentionOptions, nn.Module):
     """Reference-compatible model: config dataclass, `from_pretrained`, `save_pretrained`."""
 
     @property

@@ -52,6 +52,21 @@ KARLO_DECODER = dict(
                     "ResnetUpsampleBlock2D"],
 )
 
+# kakaobrain/karlo-v1-alpha text_proj/: time_embed_dim is the decoder's (4 x 320), cross_attention_dim its
+# context width.
+KARLO_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim=1280,
+                       cross_attention_dim=1536)
+
+# kakaobrain/karlo-v1-alpha super_res_first/ and super_res_last/ (same architecture, different weights): the
+# 64 px decoder image, upscaled, is concatenated to the noisy 256 px image, hence 6 input channels.
+KARLO_SUPER_RES = dict(
+    act_fn="silu", add_attention=False, attention_head_dim=8, block_out_channels=[320, 640, 960, 1280],
+    center_input_sample=False, down_block_types=["ResnetDownsampleBlock2D"] * 4, downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=6, layers_per_block=3, mid_block_scale_factor=1,
+    norm_eps=1e-5, norm_num_groups=32, out_channels=3, resnet_time_scale_shift="default", sample_size=256,
+    time_embedding_type="positional", up_block_types=["ResnetUpsampleBlock2D"] * 4,
+)
+
 MOVQ = dict(
     act_fn="silu", block_out_channels=[128, 256, 256, 512],
     down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D",
@@ -67,6 +82,17 @@ LATENT_UPSCALER_VAE = dict(
     act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
     in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
     scaling_factor=0.18215, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+
+# stabilityai/sd-x2-latent-upscaler unet/: k-diffusion's latent upscaler UNet (372.6 M parameters), as the
+# reference's conversion of the original checkpoint configures it.
+LATENT_UPSCALER_UNET = dict(
+    in_channels=8, out_channels=5, block_out_channels=[384, 384, 768, 768], layers_per_block=4,
+    down_block_types=["KDownBlock2D"] + ["KCrossAttnDownBlock2D"] * 3, mid_block_type=None,
+    up_block_types=["KCrossAttnUpBlock2D"] * 3 + ["KUpBlock2D"], act_fn="gelu", norm_num_groups=None,
+    cross_attention_dim=768, attention_head_dim=64, time_cond_proj_dim=896,
+    resnet_time_scale_shift="scale_shift", time_embedding_type="fourier", timestep_post_act="gelu",
+    conv_in_kernel=1, conv_out_kernel=1,
 )
 
 KANDINSKY22_PRIOR_SCHEDULER = dict(

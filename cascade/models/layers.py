@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import math
 
 import torch
@@ -21,9 +23,37 @@ class ModelOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-    """softmax(q k^T / sqrt(d)) v on (batch, heads, tokens, head_dim); the one place attention is computed."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+@functools.cache
+def xformers_kernel():
+    """xformers' memory_efficient_attention when installed, else None."""
+    if importlib.util.find_spec("xformers") is None:
+        return None
+    import xformers.ops
+
+    return xformers.ops.memory_efficient_attention
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           slice_size: int | None = None, memory_efficient: bool = False, op=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (batch, heads, tokens, head_dim); the one place attention is computed.
+
+    The options are the models' switches (cascade/attention_options.py): `memory_efficient` uses xformers when
+    installed (SDPA is already memory-efficient otherwise) and wins over slicing, as in the reference;
+    `slice_size` runs at most that many (batch x head) rows at a time."""
+    kernel = xformers_kernel() if memory_efficient else None
+    if kernel is not None:  # xformers wants (batch, tokens, heads, head_dim)
+        bias = None if mask is None else mask.expand(*q.shape[:3], k.shape[2]).to(q.dtype)
+        return kernel(*(x.transpose(1, 2) for x in (q, k, v)), attn_bias=bias, op=op).transpose(1, 2)
+    if slice_size is None or memory_efficient:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rows, n = q.shape[:2], slice_size
+    if mask is not None:
+        mask = mask.expand(*rows, *mask.shape[2:]).flatten(0, 1)
+    q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+    out = [F.scaled_dot_product_attention(q[i:i + n], k[i:i + n], v[i:i + n],
+                                          attn_mask=None if mask is None else mask[i:i + n])
+           for i in range(0, q.shape[0], n)]
+    return torch.cat(out).unflatten(0, rows)
 
 
 class Attention(nn.Module):
@@ -41,7 +71,7 @@ class Attention(nn.Module):
                  spatial_norm_dim: int | None = None, only_cross_attention: bool = False,
                  residual_connection: bool = False, rescale_output_factor: float = 1.0, eps: float = 1e-5):
         super().__init__()
-        if cross_attention_norm not in (None, "group_norm"):
+        if cross_attention_norm not in (None, "group_norm", "layer_norm"):
             raise ValueError(f"cross_attention_norm={cross_attention_norm!r} is not supported")
         inner, cross_dim = dim_head * heads, cross_attention_dim or query_dim
         self.heads, self.residual_connection = heads, residual_connection
@@ -50,7 +80,11 @@ class Attention(nn.Module):
         self.spatial_norm = SpatialNorm(query_dim, spatial_norm_dim) if spatial_norm_dim else None
         # With added k/v the norm sees the context before its projection, hence `added_kv_proj_dim` channels.
         groups, context_dim = cross_attention_norm_num_groups, added_kv_proj_dim or cross_dim
-        self.norm_cross = nn.GroupNorm(groups, context_dim, eps=1e-5) if cross_attention_norm else None
+        if cross_attention_norm == "layer_norm":
+            self.norm_cross = nn.LayerNorm(context_dim)
+        else:
+            self.norm_cross = nn.GroupNorm(groups, context_dim, eps=1e-5) if cross_attention_norm else None
+        self.attend_options: dict = {}  # set by the models' slicing / memory-efficient switches
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = None if only_cross_attention else nn.Linear(cross_dim, inner, bias=bias)
         self.to_v = None if only_cross_attention else nn.Linear(cross_dim, inner, bias=bias)
@@ -77,7 +111,8 @@ class Attention(nn.Module):
             x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
         q = self.heads_first(self.to_q(x))
         k, v = self.keys_values(x, tokens, encoder_hidden_states)
-        out = attend(q, k, v, self.prepare_mask(attention_mask, q.shape[0], k.shape[2]))
+        mask = self.prepare_mask(attention_mask, q.shape[0], k.shape[2])
+        out = attend(q, k, v, mask, **self.attend_options)
         out = self.to_out[1](self.to_out[0](out.transpose(1, 2).flatten(2)))
         if image_shape is not None:
             out = out.transpose(1, 2).reshape(image_shape)
@@ -90,6 +125,8 @@ class Attention(nn.Module):
         added-k/v variant (the reference's order), which also appends the sample's own keys and values."""
         if context is None:
             context = tokens if self.add_k_proj is not None else x
+        elif isinstance(self.norm_cross, nn.LayerNorm):
+            context = self.norm_cross(context)
         elif self.norm_cross is not None:  # group norm over the channels of (B, L, C)
             context = self.norm_cross(context.transpose(1, 2)).transpose(1, 2)
         if self.add_k_proj is None:
@@ -111,6 +148,19 @@ class Attention(nn.Module):
         if mask.shape[0] < batch * self.heads:
             mask = mask.repeat_interleave(self.heads, dim=0)
         return mask.view(batch, self.heads, -1, keys)
+
+
+class AdaGroupNorm(nn.Module):
+    """Group norm whose scale and shift are projected from the embedding (k-diffusion's AdaGN)."""
+
+    def __init__(self, embedding_dim: int, out_dim: int, num_groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.linear = nn.Linear(embedding_dim, out_dim * 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)
+        return F.group_norm(x, self.num_groups, eps=self.eps) * (1 + scale) + shift
 
 
 class SpatialNorm(nn.Module):
@@ -137,41 +187,48 @@ def activation(name: str | None) -> nn.Module | None:
 class ResnetBlock2D(nn.Module):
     """Pre-norm residual block; `time_embedding_norm` says how the embedding `temb` enters.
 
-    "default" adds a projection of temb after conv1, "scale_shift" modulates the second norm with it, and
-    "spatial" (MoVQ) makes both norms SpatialNorms conditioned on temb = the quantized latents.
+    "default" adds a projection of temb after conv1, "scale_shift" modulates the second norm with it,
+    "spatial" (MoVQ) makes both norms SpatialNorms conditioned on temb = the quantized latents, and
+    "ada_group" (k-diffusion) both AdaGroupNorms of temb, with one group per 32 channels and a bias-free
+    shortcut; there `conv_2d_out_channels` can narrow the last conv.
     `up`/`down` resample (nearest / average pool) both paths after the first norm, as the unCLIP UNets do.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, temb_channels: int | None = 512,
                  groups: int = 32, eps: float = 1e-6, time_embedding_norm: str = "default",
                  act_fn: str = "silu", output_scale_factor: float = 1.0, skip_time_act: bool = False,
-                 up: bool = False, down: bool = False, dropout: float = 0.0):
+                 up: bool = False, down: bool = False, dropout: float = 0.0,
+                 conv_2d_out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or in_channels
+        final_channels = conv_2d_out_channels or out_channels
         self.time_embedding_norm, self.skip_time_act = time_embedding_norm, skip_time_act
         self.output_scale_factor = output_scale_factor
         self.resample = "up" if up else "down" if down else None
-        spatial = time_embedding_norm == "spatial"
+        spatial, ada = time_embedding_norm == "spatial", time_embedding_norm == "ada_group"
 
         def norm(channels):
+            if ada:
+                return AdaGroupNorm(temb_channels, channels, channels // 32, eps)
             return SpatialNorm(channels, temb_channels) if spatial else nn.GroupNorm(groups, channels, eps)
 
         self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        if temb_channels is not None and not spatial:
+        if temb_channels is not None and not spatial and not ada:
             scale = 2 if time_embedding_norm == "scale_shift" else 1
             self.time_emb_proj = nn.Linear(temb_channels, scale * out_channels)
         else:
             self.time_emb_proj = None
         self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, final_channels, 3, padding=1)
         self.nonlinearity = activation(act_fn)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = (nn.Conv2d(in_channels, final_channels, 1, bias=not ada)
+                              if in_channels != final_channels else None)
 
     @staticmethod
     def apply_norm(layer: nn.Module, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        return layer(x, temb) if isinstance(layer, SpatialNorm) else layer(x)
+        return layer(x, temb) if isinstance(layer, (SpatialNorm, AdaGroupNorm)) else layer(x)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         x = self.nonlinearity(self.apply_norm(self.norm1, input_tensor, temb))
@@ -199,6 +256,24 @@ def resample(x: torch.Tensor, direction: str) -> torch.Tensor:
     if direction == "up":
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class KResample2D(nn.Module):
+    """k-diffusion's parameter-free 2x resampling: the separable [1, 3, 3, 1] / 8 filter per channel on
+    reflect-padded input, strided (down) or transposed (up, filter doubled per axis)."""
+
+    def __init__(self, direction: str):
+        super().__init__()
+        self.direction = direction
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        k = torch.tensor([1 / 8, 3 / 8, 3 / 8, 1 / 8], dtype=x.dtype, device=x.device)
+        channels, padded = x.shape[1], F.pad(x, (1, 1, 1, 1), mode="reflect")
+        if self.direction == "down":
+            return F.conv2d(padded, (k[:, None] * k).expand(channels, 1, 4, 4), stride=2, groups=channels)
+        k = 2 * k
+        return F.conv_transpose2d(padded, (k[:, None] * k).expand(channels, 1, 4, 4), stride=2, padding=3,
+                                  groups=channels)
 
 
 class Downsample2D(nn.Module):
@@ -244,18 +319,35 @@ class Timesteps(nn.Module):
         return F.pad(emb, (0, self.num_channels % 2))
 
 
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of the (log-)noise level, [sin, cos] or flipped (Tancik et al. 2020)."""
+
+    def __init__(self, embedding_size: int = 256, flip_sin_to_cos: bool = False):
+        super().__init__()
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.weight = nn.Parameter(torch.randn(embedding_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, None] * self.weight[None, :] * 2 * math.pi
+        return torch.cat([x.cos(), x.sin()] if self.flip_sin_to_cos else [x.sin(), x.cos()], dim=-1)
+
+
 class TimestepEmbedding(nn.Module):
-    """Two-layer MLP on timestep features."""
+    """Two-layer MLP on timestep features, plus a projection of an extra condition (`cond_proj_dim`)."""
 
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
-                 out_dim: int | None = None, post_act_fn: str | None = None):
+                 out_dim: int | None = None, post_act_fn: str | None = None,
+                 cond_proj_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.act = activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
         self.post_act = activation(post_act_fn)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            sample = sample + self.cond_proj(condition)
         sample = self.linear_2(self.act(self.linear_1(sample)))
         return sample if self.post_act is None else self.post_act(sample)
 

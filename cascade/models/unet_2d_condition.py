@@ -1,4 +1,5 @@
-"""The conditional UNet of the Kandinsky 2.2 and unCLIP decoders, built from the tables in unet_blocks.py."""
+"""The conditional UNet of the Kandinsky 2.2 and unCLIP decoders and of the x2 latent upscaler (k-diffusion's
+UNet), built from the tables in unet_blocks.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +9,12 @@ from torch import nn
 
 from ..config import Config
 from ..loading import ModelMixin
-from .layers import (ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding, ModelOutput,
-                     TimestepEmbedding, Timesteps, activation)
+from .layers import (GaussianFourierProjection, ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding,
+                     ModelOutput, TimestepEmbedding, Timesteps, activation)
 from .unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
 
-UNET_DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
-UNET_UP = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+UNET_DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "KDownBlock2D", "KCrossAttnDownBlock2D")
+UNET_UP = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class UNet2DConditionConfig(Config):
     mid_block_scale_factor: float = 1
     dropout: float = 0.0
     act_fn: str = "silu"
-    norm_num_groups: int = 32
+    norm_num_groups: int | None = 32  # None: no norm before conv_out (the upscaler)
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple = 1280
     transformer_layers_per_block: int | tuple = 1  # only used by transformer blocks, which we do not have
@@ -71,8 +72,9 @@ class UNet2DConditionConfig(Config):
         "down_block_types": UNET_DOWN, "up_block_types": UNET_UP,
         "mid_block_type": (None, "UNetMidBlock2DSimpleCrossAttn"), "class_embed_type": (None, "identity"),
         "encoder_hid_dim_type": (None, "image_proj"), "addition_embed_type": (None, "image", "image_hint"),
-        "num_class_embeds": (None,), "num_attention_heads": (None,), "time_embedding_type": ("positional",),
-        "time_cond_proj_dim": (None,), "class_embeddings_concat": (False,), "attention_type": ("default",),
+        "num_class_embeds": (None,), "num_attention_heads": (None,),
+        "time_embedding_type": ("positional", "fourier"), "class_embeddings_concat": (False,),
+        "attention_type": ("default",),
         "resnet_time_scale_shift": ("default", "scale_shift"), "cross_attention_norm": (None, "group_norm"),
     }
 
@@ -111,10 +113,15 @@ class UNet2DConditionModel(ModelMixin):
         super().__init__(config, **kwargs)
         c = self.config
         ch, k_in, k_out = c.block_out_channels, c.conv_in_kernel, c.conv_out_kernel
-        time_dim = c.time_embedding_dim or ch[0] * 4
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], k_in, padding=(k_in - 1) // 2)
-        self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], time_dim, c.act_fn, post_act_fn=c.timestep_post_act)
+        if c.time_embedding_type == "fourier":  # of the noise level: features as wide as the embedding
+            time_dim = time_in = c.time_embedding_dim or ch[0] * 2
+            self.time_proj = GaussianFourierProjection(time_dim // 2, c.flip_sin_to_cos)
+        else:
+            time_dim, time_in = c.time_embedding_dim or ch[0] * 4, ch[0]
+            self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(time_in, time_dim, c.act_fn, post_act_fn=c.timestep_post_act,
+                                                cond_proj_dim=c.time_cond_proj_dim)
         self.encoder_hid_proj = (ImageProjection(c.encoder_hid_dim, c.cross_attention_dim)
                                  if c.encoder_hid_dim_type == "image_proj" else None)
         # unCLIP adds its own projection of the image embedding to the time embedding, passed as class_labels.
@@ -125,8 +132,9 @@ class UNet2DConditionModel(ModelMixin):
             self.add_embedding = ImageHintTimeEmbedding(c.encoder_hid_dim, time_dim)
         self.time_embed_act = activation(c.time_embedding_act_fn)
         self.build_blocks(time_dim)
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
-        self.conv_act = activation(c.act_fn)
+        groups = c.norm_num_groups
+        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=c.norm_eps) if groups else None
+        self.conv_act = activation(c.act_fn) if groups else None
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, k_out, padding=(k_out - 1) // 2)
 
     def build_blocks(self, time_dim: int) -> None:
@@ -158,7 +166,7 @@ class UNet2DConditionModel(ModelMixin):
                     add_upsample=level > 0, prev_output_channel=ch[min(level + 1, n - 1)])
             for i, level, t in levels)
 
-    def embed(self, sample, timestep, encoder_hidden_states, class_labels, added_cond_kwargs):
+    def embed(self, sample, timestep, encoder_hidden_states, class_labels, added_cond_kwargs, timestep_cond):
         """The time (+class, +image) embedding, the cross-attention context, the sample with any hint."""
         c, added, name = self.config, added_cond_kwargs or {}, type(self).__name__
 
@@ -169,7 +177,8 @@ class UNet2DConditionModel(ModelMixin):
                                  f"encoder_hid_dim_type={c.encoder_hid_dim_type!r})")
             return added[key]
 
-        emb = self.time_embedding(self.time_proj(as_timesteps(timestep, sample)).to(sample.dtype))
+        features = self.time_proj(as_timesteps(timestep, sample)).to(sample.dtype)
+        emb = self.time_embedding(features, timestep_cond)
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError(f"{name} with class_embed_type={c.class_embed_type!r} needs class_labels")
@@ -190,8 +199,8 @@ class UNet2DConditionModel(ModelMixin):
                 attention_mask: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
                 added_cond_kwargs: dict | None = None, *, encoder_attention_mask: torch.Tensor | None = None,
                 return_dict: bool = True):
-        if timestep_cond is not None:
-            raise ValueError("timestep_cond needs time_cond_proj_dim, which is not supported")
+        if timestep_cond is not None and self.config.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond needs a model with time_cond_proj_dim")
         # Masks are 1 = keep; the blocks take additive masks. A sample mask wins over a context mask.
         mask = attention_mask if attention_mask is not None else encoder_attention_mask
         if mask is not None:
@@ -199,7 +208,7 @@ class UNet2DConditionModel(ModelMixin):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         sample, emb, context = self.embed(sample, timestep, encoder_hidden_states, class_labels,
-                                          added_cond_kwargs)
+                                          added_cond_kwargs, timestep_cond)
         mask = mask if context is not None or attention_mask is not None else None
         x = self.conv_in(sample)
         skips = (x,)
@@ -211,5 +220,18 @@ class UNet2DConditionModel(ModelMixin):
         for block in self.up_blocks:
             n = len(block.resnets)
             x, skips = block(x, skips[-n:], emb, context, mask), skips[:-n]
-        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        if self.conv_norm_out is not None:
+            x = self.conv_act(self.conv_norm_out(x))
+        x = self.conv_out(x)
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023) in the first two up blocks that concatenate skip features (stages 1 and 2,
+        from the deepest): see unet_blocks.freeu. The reference acts only on block types these UNets lack."""
+        stages = [block for block in self.up_blocks if block.skip]
+        for block, scales in zip(stages, ((s1, b1), (s2, b2))):
+            block.freeu = scales
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.freeu = None

@@ -10,23 +10,28 @@ import dataclasses
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import AdaGroupNorm, Attention, Downsample2D, KResample2D, ResnetBlock2D, Upsample2D
 
 # norm: the resnets' time_embedding_norm, None for the model's own (MoVQ decodes with "spatial" norms under
 # the same type names). attention: None, "self" (autoencoders: one head, residual) or "added_kv" (unCLIP and
-# Kandinsky: the context's keys and values go before the sample's own). resampler: "conv" (strided conv /
-# nearest + conv) or "resnet" (a ResnetBlock2D with down=True / up=True).
+# Kandinsky: the context's keys and values go before the sample's own) or "k" (KAttentionBlock). resampler:
+# "conv" (strided conv / nearest + conv), "resnet" (a ResnetBlock2D with down=True / up=True) or "k" (the
+# k-diffusion UNet's filter; these blocks also pass skips in its layout, see DownBlock / k_up_layout).
 DOWN_BLOCKS = {  # type name: (norm, attention, resampler)
     "DownEncoderBlock2D": (None, None, "conv"),
     "AttnDownEncoderBlock2D": (None, "self", "conv"),
     "ResnetDownsampleBlock2D": (None, None, "resnet"),
     "SimpleCrossAttnDownBlock2D": (None, "added_kv", "resnet"),
+    "KDownBlock2D": ("ada_group", None, "k"),
+    "KCrossAttnDownBlock2D": ("ada_group", "k", "k"),
 }
 UP_BLOCKS = {  # type name: (norm, attention, resampler, concatenates the down path's skip features)
     "UpDecoderBlock2D": (None, None, "conv", False),
     "AttnUpDecoderBlock2D": (None, "self", "conv", False),
     "ResnetUpsampleBlock2D": (None, None, "resnet", True),
     "SimpleCrossAttnUpBlock2D": (None, "added_kv", "resnet", True),
+    "KUpBlock2D": ("ada_group", None, "k", True),
+    "KCrossAttnUpBlock2D": ("ada_group", "k", "k", True),
 }
 MID_BLOCKS = {  # type name: (norm, attention)
     "UNetMidBlock2D": (None, "self"),
@@ -58,15 +63,39 @@ def with_norm(o: BlockOptions, norm: str | None) -> BlockOptions:
     return o if norm is None else dataclasses.replace(o, time_embedding_norm=norm)
 
 
-def make_resnet(o: BlockOptions, in_channels: int, out_channels: int, **resample) -> ResnetBlock2D:
+def make_resnet(o: BlockOptions, in_channels: int, out_channels: int, **extra) -> ResnetBlock2D:
     return ResnetBlock2D(in_channels, out_channels, o.temb_channels, o.groups, o.eps, o.time_embedding_norm,
-                         o.act_fn, o.output_scale_factor, o.skip_time_act, dropout=o.dropout, **resample)
+                         o.act_fn, o.output_scale_factor, o.skip_time_act, dropout=o.dropout, **extra)
 
 
-def make_attention(kind: str | None, channels: int, o: BlockOptions) -> Attention | None:
+class KAttentionBlock(nn.Module):
+    """k-diffusion's attention: AdaGN-normed self-attention (the deepest level only), then cross-attention
+    to the layer-normed context, each added to its input."""
+
+    def __init__(self, dim: int, head_dim: int, cross_attention_dim: int, temb_channels: int,
+                 self_attention: bool):
+        super().__init__()
+        groups, heads = max(1, dim // 32), dim // head_dim
+        if self_attention:
+            self.norm1 = AdaGroupNorm(temb_channels, dim, groups)
+            self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, bias=True)
+        self.norm2 = AdaGroupNorm(temb_channels, dim, groups)
+        self.attn2 = Attention(dim, cross_attention_dim, heads, head_dim, bias=True,
+                               cross_attention_norm="layer_norm")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                temb: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self, "attn1"):
+            x = x + self.attn1(self.norm1(x, temb))
+        return x + self.attn2(self.norm2(x, temb), context, mask)
+
+
+def make_attention(kind: str | None, channels: int, o: BlockOptions, self_attention: bool = False):
     if kind is None or not o.add_attention:
         return None
     head_dim = o.attention_head_dim or channels
+    if kind == "k":
+        return KAttentionBlock(channels, head_dim, o.cross_attention_dim, o.temb_channels, self_attention)
     if kind == "self":  # the reference group-normalises here only beside "default" resnets
         norm = o.time_embedding_norm
         return Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True, eps=o.eps,
@@ -78,14 +107,16 @@ def make_attention(kind: str | None, channels: int, o: BlockOptions) -> Attentio
                      only_cross_attention=o.only_cross_attention, cross_attention_norm=o.cross_attention_norm)
 
 
-def attention_list(kind: str | None, channels: int, o: BlockOptions, n: int) -> nn.ModuleList | None:
-    layers = [make_attention(kind, channels, o) for _ in range(n)]
+def attention_list(kind: str | None, widths: list[int], o: BlockOptions, self_attention: bool = False):
+    layers = [make_attention(kind, c, o, self_attention) for c in widths]
     return None if layers[0] is None else nn.ModuleList(layers)
 
 
 def make_resampler(kind: str, direction: str, channels: int, o: BlockOptions) -> nn.ModuleList:
     if kind == "resnet":
         layer = make_resnet(o, channels, channels, **{direction: True})
+    elif kind == "k":
+        layer = KResample2D(direction)
     elif direction == "down":
         layer = Downsample2D(channels, padding=o.downsample_padding)
     else:
@@ -100,10 +131,11 @@ class DownBlock(nn.Module):
                  add_downsample: bool = True):
         super().__init__()
         norm, attention, resampler = DOWN_BLOCKS[block_type]
-        o = with_norm(o, norm)
+        o, self.k = with_norm(o, norm), resampler == "k"
         self.resnets = nn.ModuleList(make_resnet(o, in_channels if i == 0 else out_channels, out_channels)
                                      for i in range(num_layers))
-        self.attentions = attention_list(attention, out_channels, o, num_layers)
+        # The k-diffusion UNet's deepest level (no downsampler) also attends to itself.
+        self.attentions = attention_list(attention, [out_channels] * num_layers, o, not add_downsample)
         self.downsamplers = make_resampler(resampler, "down", out_channels, o) if add_downsample else None
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
@@ -118,28 +150,63 @@ class DownBlock(nn.Module):
             states += (x,)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x, temb)
-            states += (x,)
+            states += () if self.k else (x,)
+        elif self.k and self.attentions is not None:  # k-diffusion's deepest level hands no skips up
+            states = (None,) * len(states)
         return x, states
 
 
+def k_up_layout(in_channels: int, out_channels: int, n: int, temb_channels: int, attention: str | None):
+    """A k-diffusion up block's (resnet input, width, output) per layer and whether it attends to itself.
+
+    Its deepest level (cross-attention at the embedding's width) takes no skip and has self-attention; the
+    others concatenate one skip before the first resnet. The last layer narrows to `in_channels`, the next
+    level's width: the whole resnet in KUpBlock2D, only its second conv in KCrossAttnUpBlock2D (as the
+    reference builds them)."""
+    deepest = attention is not None and in_channels == out_channels == temb_channels
+    rows = []
+    for i in range(n):
+        cout = in_channels if i == n - 1 else out_channels
+        cin = out_channels if i > 0 or deepest else 2 * out_channels
+        rows.append((cin, out_channels if attention else cout, cout))
+    return rows, deepest
+
+
+def freeu(x: torch.Tensor, skip: torch.Tensor, s: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU (Si et al. 2023): the backbone's first half of channels times b; the skip's lowest frequencies
+    (the 2x2 centre of its shifted spectrum) times s."""
+    half = x.shape[1] // 2
+    x = torch.cat([x[:, :half] * b, x[:, half:]], dim=1)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(skip.float()), dim=(-2, -1))
+    h, w = (max(n // 2 - 1, 0) for n in spectrum.shape[-2:])
+    spectrum[..., h:h + 2, w:w + 2] *= s
+    return x, torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real.to(skip.dtype)
+
+
 class UpBlock(nn.Module):
-    """Like DownBlock, upsampling; UNet types concatenate a skip feature before each resnet."""
+    """Like DownBlock, upsampling; UNet types concatenate a skip feature before each resnet (k-diffusion's
+    before the first only). `freeu = (s, b)` rescales what is concatenated (see
+    UNet2DConditionModel.enable_freeu)."""
 
     def __init__(self, block_type: str, in_channels: int, out_channels: int, num_layers: int, o: BlockOptions,
                  add_upsample: bool = True, prev_output_channel: int | None = None):
         super().__init__()
         norm, attention, resampler, self.skip = UP_BLOCKS[block_type]
-        o = with_norm(o, norm)
-        resnets = []
-        for i in range(num_layers):
-            if self.skip:  # the first resnet takes the level below, the last the block's input skip
-                cin = (prev_output_channel if i == 0 else out_channels) + (
-                    in_channels if i == num_layers - 1 else out_channels)
-            else:
-                cin = in_channels if i == 0 else out_channels
-            resnets.append(make_resnet(o, cin, out_channels))
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = attention_list(attention, out_channels, o, num_layers)
+        o, self.k, self.freeu, self_attention = with_norm(o, norm), resampler == "k", None, False
+        if self.k:
+            rows, self_attention = k_up_layout(in_channels, out_channels, num_layers - 1, o.temb_channels,
+                                               attention)
+            self.skip = not self_attention
+        elif self.skip:  # the first resnet takes the level below, the last the block's input skip
+            rows = [((prev_output_channel if i == 0 else out_channels) + (
+                in_channels if i == num_layers - 1 else out_channels), out_channels, out_channels)
+                for i in range(num_layers)]
+        else:
+            rows = [(in_channels if i == 0 else out_channels, out_channels, out_channels)
+                    for i in range(num_layers)]
+        self.resnets = nn.ModuleList(make_resnet(o, cin, width, conv_2d_out_channels=cout)
+                                     for cin, width, cout in rows)
+        self.attentions = attention_list(attention, [cout for *_, cout in rows], o, self_attention)
         self.upsamplers = make_resampler(resampler, "up", out_channels, o) if add_upsample else None
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple = (),
@@ -147,8 +214,11 @@ class UpBlock(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = hidden_states
         for i, resnet in enumerate(self.resnets):
-            if self.skip:
-                x = torch.cat([x, res_hidden_states_tuple[-1 - i]], dim=1)
+            if self.skip and (i == 0 or not self.k):
+                skip = res_hidden_states_tuple[-1 - i]
+                if self.freeu is not None:
+                    x, skip = freeu(x, skip, *self.freeu)
+                x = torch.cat([x, skip], dim=1)
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, encoder_hidden_states, attention_mask, temb)
