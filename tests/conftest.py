@@ -44,3 +44,21 @@ def kandinsky_root(tmp_path_factory):
     for kind in ("text2img", "img2img", "inpaint"):
         tiny.kandinsky_combined(root, kind)
     return root
+
+
+@pytest.fixture(scope="session")
+def unclip_root(tmp_path_factory):
+    from test_unclip import build
+
+    root = tmp_path_factory.mktemp("unclip")
+    build(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def upscaler_folder(tmp_path_factory):
+    from test_latent_upscale import reference_pipeline
+
+    root = tmp_path_factory.mktemp("upscaler")
+    reference_pipeline(root).save_pretrained(root / "pipe")
+    return root / "pipe"

@@ -54,10 +54,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("upscaler")
-    reference_pipeline(root).save_pretrained(root / "pipe")
-    return root / "pipe"
+def folder(upscaler_folder):
+    return upscaler_folder
 
 
 def load(lib, path, **kw):

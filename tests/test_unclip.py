@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, load
 from tiny import clip_parts, perturb
 
 import cascade
@@ -52,17 +52,9 @@ def scheduler(stage):
     return diffusers.UnCLIPScheduler(**getattr(presets, f"KARLO_{stage.upper()}_SCHEDULER"))
 
 
-def load(lib, name, folder):
-    pipe = getattr(lib, name).from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unclip")
-    build(root)
-    return root
+def root(unclip_root):
+    return unclip_root
 
 
 @pytest.fixture(scope="module")

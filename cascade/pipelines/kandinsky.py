@@ -71,7 +71,9 @@ class KandinskyPriorBase(DiffusionPipeline):
         """Shared by text-to-embedding and embedding-to-embedding: encode, sample, split, format."""
         check_output_type(output_type, ("pt", "np"))
         prompt, negative_prompt = self.prompts(prompt, negative_prompt)
-        state = encode_text(self.tokenizer, self.text_encoder, prompt, negative_prompt, n, guidance_scale > 1)
+        state: dict = {}
+        on_step = self.callbacks(state, on_step_end, tensor_inputs)
+        state.update(encode_text(self.tokenizer, self.text_encoder, prompt, negative_prompt, n, guidance_scale > 1))
         self.scheduler.set_timesteps(steps, device=self.device)
         if start is None:
             timesteps = self.scheduler.timesteps
@@ -79,8 +81,7 @@ class KandinskyPriorBase(DiffusionPipeline):
             latents = prepare_latents(shape, generator, latents, state["prompt_embeds"].dtype, self.device,
                                       self.scheduler.init_noise_sigma)
         else:
-            latents, timesteps = noised_start(self.scheduler, start, strength, steps, generator)
-        on_step = self.callbacks(state, on_step_end, tensor_inputs)
+            latents, timesteps = noised_start(self.scheduler, start(), strength, steps, generator)
         model = guided(self.prior_fn(state), guidance_scale)
         latents = denoise(model, with_next_timestep(self.scheduler, timesteps), latents, timesteps, generator,
                           on_step, self.progress_bar)
@@ -135,7 +136,7 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyPriorBase):
         """Like the prior, starting from the embedding of `image` (images or embeddings) noised to `strength`."""
         check_strength(strength)
         rows = len(self.prompts(prompt, negative_prompt)[0]) * num_images_per_prompt
-        start = self.start_embeds(image, num_images_per_prompt, rows)
+        start = lambda: self.start_embeds(image, num_images_per_prompt, rows)  # noqa: E731 (after input checks)
         return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, generator,
                                   None, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                   output_type, return_dict, start=start, strength=strength)
@@ -413,12 +414,13 @@ class KandinskyCombinedBase(DiffusionPipeline):
         prior_args = {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
         prior_args.update({k: args[k] for k in ("prompt", "negative_prompt", "num_images_per_prompt", "generator")})
         prior_args.update(latents=args.pop("latents"), output_type="pt", return_dict=False)
+        decoder = self.decoder_pipe
+        decoder.callbacks({}, args.get("callback_on_step_end"), args.get("callback_on_step_end_tensor_inputs"))
         embeds, negative = self.prior_pipe(**call_args(KandinskyV22PriorPipeline.__call__, prior_args))
         for name in ("image", "mask_image", "hint"):
             if name in args:
                 args[name] = spread(args[name], embeds.shape[0])
         args.update(image_embeds=embeds, negative_image_embeds=negative, num_images_per_prompt=1)
-        decoder = self.decoder_pipe
         return decoder(**{k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")})
 
 

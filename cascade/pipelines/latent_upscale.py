@@ -137,6 +137,8 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         """Upscale `image` (images or 4-channel Stable Diffusion latents, one per prompt) 2x in latent space,
         guided by `prompt`. `eta` is accepted for the reference's documented signature; Euler has no eta."""
         check_output_type(output_type)
+        legacy = {"callback": callback, "callback_steps": callback_steps}
+        on_step = self.callbacks({}, callback_on_step_end, callback_on_step_end_tensor_inputs, legacy)
         prompts, negative_prompt = self.prompts(prompt, negative_prompt, guidance_scale)
         low_res = self.image_batch(image, len(prompts))
         embeds, pooled = self.encode_prompt(prompts, negative_prompt, guidance_scale > 1)
@@ -146,9 +148,6 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         latents = prepare_latents(shape, generator, latents, embeds.dtype, self.device,
                                   self.scheduler.init_noise_sigma)
         model = guided(karras_denoiser(self.unet_fn(low_res, embeds, pooled), self.scheduler), guidance_scale)
-        legacy = {"callback": callback, "callback_steps": callback_steps}
-        on_step = self.callbacks({"latents": latents}, callback_on_step_end,
-                                 callback_on_step_end_tensor_inputs, legacy)
         latents = denoise(model, self.scheduler, latents, self.scheduler.timesteps, generator, on_step,
                           self.progress_bar)
         return self.decode(latents, output_type, return_dict)
