@@ -80,6 +80,11 @@ class UNet2DConditionConfig(Config):
 
     def check(self, source: str = "config") -> None:
         super().check(source)
+        heads = per_block(self.attention_head_dim, len(self.block_out_channels))
+        uneven = [c for c, h, kind in zip(self.block_out_channels, heads, self.down_block_types)
+                  if "Attn" in kind and c % h]
+        if uneven:  # the reference fails mid-forward on these
+            raise ValueError(f"{source}: block_out_channels {uneven[0]} is not a multiple of attention_head_dim")
         if self.encoder_hid_dim is not None and self.encoder_hid_dim_type is None:
             raise ValueError(f"{source}: encoder_hid_dim without encoder_hid_dim_type (a text projection) "
                              "is not supported")
