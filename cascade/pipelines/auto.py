@@ -5,10 +5,16 @@ from ..config import read_json
 from .core import download
 
 # A family is recognised by the prefix of the saved pipeline class; each task maps to one of our classes.
+# The command line (cascade/cli.py) also reads its other tasks here; decoders among them get their prior from
+# the family's text2img pipeline.
 TASKS = {
     "KandinskyV22": {"text2img": "KandinskyV22CombinedPipeline", "img2img": "KandinskyV22Img2ImgCombinedPipeline",
-                     "inpaint": "KandinskyV22InpaintCombinedPipeline"},
+                     "inpaint": "KandinskyV22InpaintCombinedPipeline", "controlnet": "KandinskyV22ControlnetPipeline",
+                     "controlnet_img2img": "KandinskyV22ControlnetImg2ImgPipeline",
+                     "interpolate": "KandinskyV22Pipeline"},
     "Wuerstchen": {"text2img": "WuerstchenCombinedPipeline"},
+    "UnCLIP": {"text2img": "UnCLIPPipeline", "variation": "UnCLIPImageVariationPipeline"},
+    "StableDiffusionLatentUpscale": {"upscale": "StableDiffusionLatentUpscalePipeline"},
 }
 
 
