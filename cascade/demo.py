@@ -7,6 +7,7 @@ shaped by random weights, not pictures of the prompt.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ def random_kandinsky(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     folder = Path(folder)
-    tokenizer = byte_tokenizer(folder / "_vocab")
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = byte_tokenizer(Path(vocab))
     dim = 64
     text = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim, num_attention_heads=4,
