@@ -62,3 +62,11 @@ def upscaler_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("upscaler")
     reference_pipeline(root).save_pretrained(root / "pipe")
     return root / "pipe"
+
+
+@pytest.fixture(scope="session")
+def wuerstchen_root(tmp_path_factory):
+    from test_wuerstchen import build
+
+    root = tmp_path_factory.mktemp("wuerstchen")
+    return build(root)

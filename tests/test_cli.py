@@ -206,10 +206,8 @@ def test_karlo_generate_and_variations(request, tmp_path, capsys):
     assert code == 0 and PIL.Image.open(out.strip()).text["task"] == "variations"
 
 
-def test_wuerstchen_generate(tmp_path_factory, tmp_path, capsys):
-    pytest.importorskip("cascade.pipelines.wuerstchen")
-    test_wuerstchen = pytest.importorskip("test_wuerstchen")
-    root = test_wuerstchen.root.__wrapped__(tmp_path_factory)
+def test_wuerstchen_generate(wuerstchen_root, tmp_path, capsys):
+    root = wuerstchen_root
     code, out, _ = cli(capsys, "generate", root / "combined", "a cat", "--size", "128x128", "--steps", "1",
                        "--prior-steps", "1", "--seed", "0", "-q", "--out", tmp_path)
     assert code == 0 and PIL.Image.open(out.strip()).text["scheduler"] == "wuerstchen"

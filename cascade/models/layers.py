@@ -33,25 +33,38 @@ def xformers_kernel():
     return xformers.ops.memory_efficient_attention
 
 
+def scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """SDPA's maths in the order of the reference's AttnProcessor (baddbmm, softmax, bmm): other rounding."""
+    q3, k3, v3 = (x.flatten(0, -3) for x in (q, k, v))
+    shape = (q3.shape[0], q3.shape[1], k3.shape[1])
+    mask = None if attn_mask is None else attn_mask.expand(*q.shape[:-1], shape[2]).reshape(shape)
+    base = q3.new_empty(shape) if mask is None else mask
+    scores = torch.baddbmm(base, q3, k3.transpose(1, 2), beta=float(attn_mask is not None),
+                           alpha=q.shape[-1] ** -0.5)
+    return torch.bmm(scores.softmax(-1), v3).unflatten(0, q.shape[:-2])
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           slice_size: int | None = None, memory_efficient: bool = False, op=None) -> torch.Tensor:
+           slice_size: int | None = None, memory_efficient: bool = False, op=None,
+           explicit: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v on (batch, heads, tokens, head_dim); the one place attention is computed.
 
     The options are the models' switches (cascade/attention_options.py): `memory_efficient` uses xformers when
     installed (SDPA is already memory-efficient otherwise) and wins over slicing, as in the reference;
-    `slice_size` runs at most that many (batch x head) rows at a time."""
+    `slice_size` runs at most that many (batch x head) rows at a time; `explicit` uses `scores_attention`, for
+    the models the reference runs with its AttnProcessor rather than SDPA (Würstchen's stage C)."""
     kernel = xformers_kernel() if memory_efficient else None
     if kernel is not None:  # xformers wants (batch, tokens, heads, head_dim)
         bias = None if mask is None else mask.expand(*q.shape[:3], k.shape[2]).to(q.dtype)
         return kernel(*(x.transpose(1, 2) for x in (q, k, v)), attn_bias=bias, op=op).transpose(1, 2)
+    sdpa = scores_attention if explicit else F.scaled_dot_product_attention
     if slice_size is None or memory_efficient:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return sdpa(q, k, v, attn_mask=mask)
     rows, n = q.shape[:2], slice_size
     if mask is not None:
         mask = mask.expand(*rows, *mask.shape[2:]).flatten(0, 1)
     q, k, v = (x.flatten(0, 1) for x in (q, k, v))
-    out = [F.scaled_dot_product_attention(q[i:i + n], k[i:i + n], v[i:i + n],
-                                          attn_mask=None if mask is None else mask[i:i + n])
+    out = [sdpa(q[i:i + n], k[i:i + n], v[i:i + n], attn_mask=None if mask is None else mask[i:i + n])
            for i in range(0, q.shape[0], n)]
     return torch.cat(out).unflatten(0, rows)
 

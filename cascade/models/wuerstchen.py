@@ -140,6 +140,8 @@ class WuerstchenPrior(ModelMixin):
         for _ in range(k.depth):
             self.blocks.extend([ResBlock(k.c, dropout=k.dropout), TimestepBlock(k.c, k.c_r),
                                 AttnBlock(k.c, k.c, k.nhead, k.dropout)])
+        for block in self.blocks[2::3]:  # the reference runs stage C's attention on explicit scores, not SDPA
+            block.attention.attend_options["explicit"] = True
         self.out = nn.Sequential(LayerNorm2d(k.c), nn.Conv2d(k.c, k.c_in * 2, kernel_size=1))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..lora import LoraLoaderMixin
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
                    connected_prior, denoise, guided, postprocess, prepare_latents, sub_pipeline)
 
@@ -70,8 +71,9 @@ class WuerstchenStage(DiffusionPipeline):
                        self.progress_bar)
 
 
-class WuerstchenPriorPipeline(WuerstchenStage):
+class WuerstchenPriorPipeline(LoraLoaderMixin, WuerstchenStage):
     components_order = ("tokenizer", "text_encoder", "prior", "scheduler")
+    _lora_loadable_modules = ("prior", "text_encoder")
     config_values = {"latent_mean": 42.0, "latent_std": 1.0, "resolution_multiple": 42.67}
     _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds"]
 
