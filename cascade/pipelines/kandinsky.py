@@ -91,7 +91,7 @@ class KandinskyPriorBase(DiffusionPipeline):
         else:
             embeds, negative = embeds.chunk(2)
         if output_type == "np":
-            embeds, negative = embeds.cpu().numpy(), negative.cpu().numpy()
+            embeds, negative = embeds.cpu().float().numpy(), negative.cpu().float().numpy()
         return KandinskyPriorPipelineOutput(embeds, negative) if return_dict else (embeds, negative)
 
     @torch.no_grad()

@@ -76,7 +76,10 @@ class UnCLIPBase(DiffusionPipeline):
         scheduler.set_timesteps(steps, device=self.device)
         latents = prepare_latents(shape, generator, latents, image.dtype, self.device,
                                   scheduler.init_noise_sigma)
-        upscaled = F.interpolate(image, size=shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+        # The CPU has no half-precision antialiased bicubic (the reference fails there): compute it in float32.
+        low = image.float() if image.device.type == "cpu" else image
+        upscaled = F.interpolate(low, size=shape[-2:], mode="bicubic", align_corners=False,
+                                 antialias=True).to(image.dtype)
         last = scheduler.timesteps[-1]
 
         def fn(x, t):  # super_res_first on every step but the last
