@@ -174,3 +174,38 @@ def test_denoisers_compile_whole_with_no_graph_breaks(pipes, name, component):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
             assert_close(compiled(*args, **kwargs), model(*args, **kwargs), 1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequential_cpu_offload_gives_the_same_output(pipes, name):
+    pipe = pipes(name)
+    plain = call(pipe, name)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    try:
+        assert_close(call(pipe, name), plain, 0)
+    finally:
+        pipe.remove_all_hooks()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_slicing_and_memory_efficient_attention_keep_the_output(pipes, name):
+    pipe = pipes(name)
+    run = lambda: call(pipe, name, output_type="np")  # noqa: E731 (numbers: 8-bit rounding would hide 1e-4)
+    plain = run()
+    scale = max(1.0, float(np.abs(plain).max()))
+    for enable, disable in ((lambda: pipe.enable_attention_slicing("max"), pipe.disable_attention_slicing),
+                            (pipe.enable_xformers_memory_efficient_attention,
+                             pipe.disable_xformers_memory_efficient_attention)):
+        enable()
+        try:
+            assert_close(run() / scale, plain / scale, 1e-4)
+        finally:
+            disable()
+    assert_close(run(), plain, 0)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "Combined" in n])
+def test_combined_pipelines_check_prior_callback_inputs_first(pipes, name):
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        call(pipes(name), name, prior_callback_on_step_end=lambda *a: {},
+             prior_callback_on_step_end_tensor_inputs=["not_a_tensor"])
