@@ -41,8 +41,9 @@ def test_model_offload_moves_each_model_when_it_runs(decoder, monkeypatch):
     assert decoder.device == torch.device("cpu:0")
     log.clear()
     out = run(decoder)
-    # The UNet comes to the device for its first step and stays for the next; MoVQ replaces it for decoding.
-    assert log == [("unet", "cpu:0"), ("unet", "cpu"), ("movq", "cpu:0")]
+    # The UNet comes to the device for its first step and stays for the next; MoVQ replaces it for decoding
+    # and goes back when the call ends.
+    assert log == [("unet", "cpu:0"), ("unet", "cpu"), ("movq", "cpu:0"), ("movq", "cpu")]
     assert_close(out, plain, 0)
     decoder.remove_all_hooks()
 

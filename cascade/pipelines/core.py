@@ -307,7 +307,7 @@ class DiffusionPipeline(OffloadMixin):
         """Another pipeline over (some of) these components, keeping progress and offload settings."""
         pipe = cls(**components)
         pipe._progress_config = dict(self._progress_config)
-        pipe._offload_device = self._offload_device
+        pipe._offload_device, pipe._offload_active = self._offload_device, self._offload_active
         return pipe
 
     # --- progress and callbacks

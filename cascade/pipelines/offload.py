@@ -2,6 +2,7 @@
 device only for their own forward. Hooks live on the modules, so pipelines sharing components share them."""
 from __future__ import annotations
 
+import functools
 from itertools import chain
 
 import torch
@@ -23,6 +24,19 @@ def move_own(module: nn.Module, device) -> None:
     """Move only the tensors this module holds itself (not its children's)."""
     for t in chain(module.parameters(recurse=False), module.buffers(recurse=False)):
         t.data = t.data.to(device)
+
+
+def released(call):
+    """A pipeline call that leaves no offloaded model on the device."""
+
+    @functools.wraps(call)
+    def run(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            self.maybe_free_model_hooks()
+
+    return run
 
 
 def execution_device(device="cuda", gpu_id=None) -> torch.device:
@@ -58,6 +72,17 @@ class OffloadMixin:
     """`enable_model_cpu_offload` / `enable_sequential_cpu_offload` for DiffusionPipeline."""
 
     _offload_device: torch.device | None = None
+    _offload_active: list = []  # the model on the device under model offload (shared with derived pipelines)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            cls.__call__ = released(cls.__dict__["__call__"])
+
+    def maybe_free_model_hooks(self) -> None:
+        """Send the last model of a model-offloaded call back to the CPU, as the reference does after a call."""
+        while self._offload_active:
+            self._offload_active.pop().to("cpu")
 
     def _hooks(self) -> list:
         if "_offload_hooks" not in self.__dict__:
@@ -75,6 +100,7 @@ class OffloadMixin:
         self.remove_all_hooks()
         target = execution_device(device, gpu_id)
         active: list[nn.Module] = []
+        self._offload_active = active
 
         def bring(module, args, kwargs):
             if not active or active[0] is not module:
