@@ -125,11 +125,12 @@ def test_callback_sees_every_step_and_its_latents_change_the_result(pipes, name)
     assert np.abs(changed - plain).max() > 1e-4
 
 
+@pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
 @pytest.mark.parametrize("name", NAMES)
-def test_model_cpu_offload_gives_the_same_output(pipes, name):
+def test_cpu_offload_gives_the_same_output(pipes, name, offload):
     pipe = pipes(name)
     plain = call(pipe, name)
-    pipe.enable_model_cpu_offload(device="cpu")
+    getattr(pipe, offload)(device="cpu")
     try:
         assert_close(call(pipe, name), plain, 0)
     finally:
@@ -174,17 +175,6 @@ def test_denoisers_compile_whole_with_no_graph_breaks(pipes, name, component):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
             assert_close(compiled(*args, **kwargs), model(*args, **kwargs), 1e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_sequential_cpu_offload_gives_the_same_output(pipes, name):
-    pipe = pipes(name)
-    plain = call(pipe, name)
-    pipe.enable_sequential_cpu_offload(device="cpu")
-    try:
-        assert_close(call(pipe, name), plain, 0)
-    finally:
-        pipe.remove_all_hooks()
 
 
 @pytest.mark.parametrize("name", NAMES)
