@@ -439,6 +439,13 @@ def connected_prior(combined_cls, prior_cls, folder: Path, index: dict, given: d
             if f"prior_{k}" in combined_cls.components_order and f"prior_{k}" not in given}
 
 
+def split_args(call_locals: dict) -> tuple[dict, dict]:
+    """A combined pipeline's `locals()` -> (decoder arguments, prior arguments without their `prior_` prefix)."""
+    args = {k: v for k, v in call_locals.items() if k not in ("self", "__class__")}
+    args.update(args.pop("kwargs", {}))
+    return args, {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
+
+
 def call_args(fn: Callable, values: dict) -> dict:
     """The subset of `values` that `fn` accepts by name (combined pipelines forward by name)."""
     params = inspect.signature(fn).parameters

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type, check_strength,
                    connected_prior, denoise, encode_text, guided, noised_start, postprocess, prepare_latents,
-                   sub_pipeline, to_tensor_batch, with_next_timestep)
+                   split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
 
 
 @dataclass
@@ -409,9 +409,7 @@ class KandinskyCombinedBase(DiffusionPipeline):
 
     def chain(self, args: dict):
         """Run the prior, then the decoder on its embeddings, forwarding every argument by name."""
-        args = {k: v for k, v in args.items() if k not in ("self", "__class__")}
-        args.update(args.pop("kwargs", {}))
-        prior_args = {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
+        args, prior_args = split_args(args)
         prior_args.update({k: args[k] for k in ("prompt", "negative_prompt", "num_images_per_prompt", "generator")})
         prior_args.update(latents=args.pop("latents"), output_type="pt", return_dict=False)
         decoder = self.decoder_pipe

@@ -11,7 +11,7 @@ import torch
 
 from ..lora import LoraLoaderMixin
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
-                   connected_prior, denoise, guided, postprocess, prepare_latents, sub_pipeline)
+                   connected_prior, denoise, guided, postprocess, prepare_latents, split_args, sub_pipeline)
 
 # Stage C's recommended schedule: 19 steps over the noisiest third, 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:]]
@@ -245,9 +245,7 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
 
     def chain(self, args: dict):
         """Check what the decoder will need, run the prior, then the decoder on its embeddings, by name."""
-        args = {k: v for k, v in args.items() if k not in ("self", "__class__")}
-        args.update(args.pop("kwargs"))
-        prior_args = {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
+        args, prior_args = split_args(args)
         args.update({k[8:]: args.pop(k) for k in list(args) if k.startswith("decoder_")})
         prior_only = ("height", "width", "prompt_embeds", "negative_prompt_embeds", "latents",
                       "num_images_per_prompt")
