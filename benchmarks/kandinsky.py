@@ -89,8 +89,8 @@ def main():
         build(folder, a.width)
     results = {}
     for lib in ("cascade", "diffusers"):
-        cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--device", a.device, "--dtype",
-               a.dtype, "--size", str(a.size), "--steps", str(a.steps), "--runs", str(a.runs)]
+        cmd = [sys.executable, __file__, "--worker", lib, "--folder", str(folder), "--device", a.device,
+               "--dtype", a.dtype, "--size", str(a.size), "--steps", str(a.steps), "--runs", str(a.runs)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[lib] = json.loads(out)
     ours, ref = results["cascade"], results["diffusers"]

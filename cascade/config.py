@@ -102,7 +102,8 @@ class Configurable:
         return cls(cls.config_class.from_dict(d, cls.__name__, strict=False, **overrides))
 
     def config_dict(self) -> dict[str, Any]:
-        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION, **self.config.to_dict()}
+        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION,
+                **self.config.to_dict()}
 
     def register_to_config(self, **changes) -> None:
         self.config = self.config.replace(**changes)

@@ -17,7 +17,8 @@ from . import presets
 
 def byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table: printable bytes map to themselves, the rest above 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
 
@@ -37,8 +38,8 @@ def byte_tokenizer(folder: Path, max_length: int = 77, merges=("t h", "th e</w>"
 
 def random_kandinsky(folder: Path, seed: int = 0) -> Path:
     """Build and save a reduced-width KandinskyV22CombinedPipeline with random weights."""
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
 
     from .models import PriorTransformer, UNet2DConditionModel, VQModel
     from .pipelines.kandinsky import KandinskyV22CombinedPipeline
@@ -49,16 +50,18 @@ def random_kandinsky(folder: Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as vocab:
         tokenizer = byte_tokenizer(Path(vocab))
     dim = 64
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=dim, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
-        pad_token_id=len(tokenizer) - 1))
+    text = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim,
+                                                      intermediate_size=4 * dim, num_attention_heads=4,
+                                                      num_hidden_layers=2, projection_dim=dim,
+                                                      bos_token_id=len(tokenizer) - 2,
+                                                      eos_token_id=len(tokenizer) - 1,
+                                                      pad_token_id=len(tokenizer) - 1))
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=dim, intermediate_size=4 * dim, num_attention_heads=4, num_hidden_layers=2, image_size=64,
         patch_size=16, projection_dim=dim))
     processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    prior = PriorTransformer(**{**presets.KANDINSKY22_PRIOR, "num_attention_heads": 4, "attention_head_dim": 16,
-                                "num_layers": 2, "embedding_dim": dim})
+    prior = PriorTransformer(**{**presets.KANDINSKY22_PRIOR, "num_attention_heads": 4,
+                                "attention_head_dim": 16, "num_layers": 2, "embedding_dim": dim})
     unet = UNet2DConditionModel(**{**presets.KANDINSKY22_UNET, "block_out_channels": (32, 64, 96, 128),
                                    "layers_per_block": 1, "attention_head_dim": 16, "encoder_hid_dim": dim,
                                    "cross_attention_dim": 64, "addition_embed_type_num_heads": 16})

@@ -78,7 +78,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         raise ValueError(f"{source}: checkpoint does not match {type(model).__name__} "
                          f"(missing keys: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                          f"unexpected keys: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k,
+             v in state.items() if v.shape != expected[k].shape]
     if wrong:
         k, got, want = wrong[0]
         raise ValueError(f"{source}: {k} has shape {got}, the config asks for {want}")
@@ -100,18 +101,18 @@ class ModelMixin(Configurable, AttentionOptions, nn.Module):
         return next(self.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, cache_dir=None, revision=None, local_files_only=None,
-                        token=None, **kwargs):
+    def from_pretrained(cls, path_or_repo, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, variant: str | None = None, cache_dir=None,
+                        revision=None, local_files_only=None, token=None, **kwargs):
         pattern = f"{subfolder}/*" if subfolder else None
-        folder = resolve(path_or_repo, subfolder, pattern and [pattern], cache_dir=cache_dir, revision=revision,
-                         local_files_only=local_files_only, token=token)
+        folder = resolve(path_or_repo, subfolder, pattern and [pattern], cache_dir=cache_dir,
+                         revision=revision, local_files_only=local_files_only, token=token)
         return cls.load(folder, torch_dtype, variant, **kwargs)
 
     @classmethod
     def load(cls, folder: Path, torch_dtype=None, variant=None, **overrides):
-        config = cls.config_class.from_dict(read_json(folder / cls.config_name), str(folder / cls.config_name),
-                                            **overrides)
+        config = cls.config_class.from_dict(read_json(folder / cls.config_name),
+                                            str(folder / cls.config_name), **overrides)
         with torch.device("meta"):
             model = cls(config)
         files = weight_files(folder, variant)
@@ -124,7 +125,8 @@ class ModelMixin(Configurable, AttentionOptions, nn.Module):
         write_json(folder / self.config_name, self.config_dict())
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if safe_serialization:
-            save_file(state, str(folder / with_variant(f"{WEIGHTS}.safetensors", variant)), metadata={"format": "pt"})
+            save_file(state, str(folder / with_variant(f"{WEIGHTS}.safetensors", variant)),
+                      metadata={"format": "pt"})
         else:
             torch.save(state, folder / with_variant(f"{WEIGHTS}.bin", variant))
 

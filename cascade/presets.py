@@ -126,20 +126,18 @@ KANDINSKY22_IMAGE_ENCODER = dict(
     hidden_size=1664, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=48, patch_size=14,
     image_size=224, projection_dim=1280, hidden_act="gelu", layer_norm_eps=1e-5,
 )
-KANDINSKY22_TEXT_ENCODER = dict(
-    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
-    max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5,
-)
+KANDINSKY22_TEXT_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                num_hidden_layers=32, projection_dim=1280, max_position_embeddings=77,
+                                vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5,)
 
 # --- Würstchen v2 (warp-ai/wuerstchen-prior prior/, warp-ai/wuerstchen decoder/ and vqgan/)
 
 WUERSTCHEN_PRIOR = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
 
-WUERSTCHEN_DECODER = dict(
-    c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280], nhead=[-1, 10, 20, 20],
-    blocks=[4, 4, 14, 4], level_config=["CT", "CTA", "CTA", "CTA"], inject_effnet=[False, True, True, True],
-    effnet_embd=16, clip_embd=1024, kernel_size=3, dropout=0.1,
-)
+WUERSTCHEN_DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280],
+                          nhead=[-1, 10, 20, 20], blocks=[4, 4, 14, 4],
+                          level_config=["CT", "CTA", "CTA", "CTA"], inject_effnet=[False, True, True, True],
+                          effnet_embd=16, clip_embd=1024, kernel_size=3, dropout=0.1,)
 
 WUERSTCHEN_VQGAN = dict(
     in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=12, embed_dim=384,

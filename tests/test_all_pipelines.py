@@ -21,7 +21,8 @@ def mask(size=32):
 
 def embeds():
     g = torch.Generator().manual_seed(0)
-    return dict(image_embeds=torch.randn(1, 32, generator=g), negative_image_embeds=torch.randn(1, 32, generator=g))
+    return dict(image_embeds=torch.randn(1, 32, generator=g),
+                negative_image_embeds=torch.randn(1, 32, generator=g))
 
 
 K = dict(height=32, width=32, num_inference_steps=2)
@@ -150,10 +151,10 @@ def test_reduced_precision_loads_and_stays_finite(request, name, dtype):
     assert np.isfinite(out).all() and np.abs(out).max() > 0
 
 
-DENOISERS = [("KandinskyV22PriorPipeline", "prior"), ("KandinskyV22Pipeline", "unet"), ("UnCLIPPipeline", "decoder"),
-             ("UnCLIPPipeline", "super_res_first"), ("UnCLIPPipeline", "text_proj"),
-             ("WuerstchenPriorPipeline", "prior"), ("WuerstchenDecoderPipeline", "decoder"),
-             ("StableDiffusionLatentUpscalePipeline", "unet")]
+DENOISERS = [("KandinskyV22PriorPipeline", "prior"), ("KandinskyV22Pipeline", "unet"),
+             ("UnCLIPPipeline", "decoder"), ("UnCLIPPipeline", "super_res_first"),
+             ("UnCLIPPipeline", "text_proj"), ("WuerstchenPriorPipeline", "prior"),
+             ("WuerstchenDecoderPipeline", "decoder"), ("StableDiffusionLatentUpscalePipeline", "unet")]
 
 
 @pytest.mark.parametrize("name,component", DENOISERS)

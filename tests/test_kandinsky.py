@@ -16,14 +16,13 @@ def pipes(kandinsky_root):
     """(ours, reference) pairs for every pipeline, loaded once from disk."""
     import diffusers
 
-    folders = {
-        "KandinskyV22PriorPipeline": "prior", "KandinskyV22PriorEmb2EmbPipeline": "prior",
-        "KandinskyV22Pipeline": "text2img", "KandinskyV22Img2ImgPipeline": "text2img",
-        "KandinskyV22InpaintPipeline": "inpaint", "KandinskyV22ControlnetPipeline": "controlnet",
-        "KandinskyV22ControlnetImg2ImgPipeline": "controlnet", "KandinskyV22CombinedPipeline": "combined_text2img",
-        "KandinskyV22Img2ImgCombinedPipeline": "combined_img2img",
-        "KandinskyV22InpaintCombinedPipeline": "combined_inpaint",
-    }
+    folders = {"KandinskyV22PriorPipeline": "prior", "KandinskyV22PriorEmb2EmbPipeline": "prior",
+               "KandinskyV22Pipeline": "text2img", "KandinskyV22Img2ImgPipeline": "text2img",
+               "KandinskyV22InpaintPipeline": "inpaint", "KandinskyV22ControlnetPipeline": "controlnet",
+               "KandinskyV22ControlnetImg2ImgPipeline": "controlnet",
+               "KandinskyV22CombinedPipeline": "combined_text2img",
+               "KandinskyV22Img2ImgCombinedPipeline": "combined_img2img",
+               "KandinskyV22InpaintCombinedPipeline": "combined_inpaint",}
 
     class Pairs(dict):
         def __missing__(self, name):
@@ -135,7 +134,8 @@ def test_text2img_explicit_latents_tuple(pipes):
     pos, neg = embeds(1)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     ours, ref = run_both(pipes["KandinskyV22Pipeline"], image_embeds=[pos], negative_image_embeds=[neg],
-                         latents=latents, num_inference_steps=STEPS, output_type="np", return_dict=False, **SIZE)
+                         latents=latents, num_inference_steps=STEPS, output_type="np", return_dict=False,
+                         **SIZE)
     assert isinstance(ours, tuple) and len(ours) == 1
     assert_close(ours[0], ref[0])
 
@@ -145,11 +145,12 @@ def test_text2img_guidance_off_many_images(pipes):
     ours, ref = pipes["KandinskyV22Pipeline"]
     pos, neg = embeds(2)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(4))
-    out = ours(pos, neg, num_images_per_prompt=2, guidance_scale=1.0, latents=latents, num_inference_steps=STEPS,
-               output_type="np", generator=generators(range(4)), **SIZE).images
+    out = ours(pos, neg, num_images_per_prompt=2, guidance_scale=1.0, latents=latents,
+               num_inference_steps=STEPS, output_type="np", generator=generators(range(4)), **SIZE).images
     for i in range(4):
-        one = ref(pos[i // 2: i // 2 + 1], neg[i // 2: i // 2 + 1], guidance_scale=1.0, latents=latents[i: i + 1],
-                  num_inference_steps=STEPS, output_type="np", generator=generators([i]), **SIZE).images
+        one = ref(pos[i // 2: i // 2 + 1], neg[i // 2: i // 2 + 1], guidance_scale=1.0,
+                  latents=latents[i: i + 1], num_inference_steps=STEPS, output_type="np",
+                  generator=generators([i]), **SIZE).images
         assert_close(out[i: i + 1], one)
 
 
@@ -210,7 +211,8 @@ def test_controlnet(pipes):
     pos, neg = embeds(2)
     hint = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     ours, ref = run_both(pipes["KandinskyV22ControlnetPipeline"], image_embeds=pos, negative_image_embeds=neg,
-                         hint=hint, num_inference_steps=STEPS, num_images_per_prompt=2, output_type="np", **SIZE)
+                         hint=hint, num_inference_steps=STEPS, num_images_per_prompt=2, output_type="np",
+                         **SIZE)
     assert_close(ours.images, ref.images)
 
 
@@ -218,8 +220,8 @@ def test_controlnet_img2img(pipes):
     pos, neg = embeds(1)
     hint = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     ours, ref = run_both(pipes["KandinskyV22ControlnetImg2ImgPipeline"], image_embeds=pos,
-                         negative_image_embeds=neg, image=picture(6), hint=hint, strength=0.8, num_inference_steps=4,
-                         output_type="pt", **SIZE)
+                         negative_image_embeds=neg, image=picture(6), hint=hint, strength=0.8,
+                         num_inference_steps=4, output_type="pt", **SIZE)
     assert_close(ours.images, ref.images)
 
 
@@ -244,8 +246,8 @@ def test_img2img_combined(pipes):
 
 def test_inpaint_combined(pipes):
     ours, ref = run_both(pipes["KandinskyV22InpaintCombinedPipeline"], prompt="a cat", image=picture(3),
-                         mask_image=mask_picture(), num_inference_steps=STEPS, prior_num_inference_steps=STEPS,
-                         output_type="np", **SIZE)
+                         mask_image=mask_picture(), num_inference_steps=STEPS,
+                         prior_num_inference_steps=STEPS, output_type="np", **SIZE)
     assert_close(ours.images, ref.images)
 
 
@@ -275,12 +277,13 @@ def test_callbacks_in_controlnet_and_legacy_default_steps(pipes):
     seen, legacy = [], []
     ours(pos, neg, hint=torch.rand(1, 3, 128, 128), num_inference_steps=STEPS, output_type="latent",
          callback_on_step_end=lambda p, i, t, kw: seen.append((i, sorted(kw))) or {},
-         callback_on_step_end_tensor_inputs=["latents", "image_embeds"], callback=lambda *a: legacy.append(a[0]),
-         **SIZE)
+         callback_on_step_end_tensor_inputs=["latents", "image_embeds"],
+         callback=lambda *a: legacy.append(a[0]), **SIZE)
     assert seen == [(i, ["image_embeds", "latents"]) for i in range(STEPS)]
     assert legacy == list(range(STEPS))
     plain = pipes["KandinskyV22Pipeline"][0]
-    plain(pos, neg, num_inference_steps=2, output_type="latent", callback=lambda *a: legacy.append(a[0]), **SIZE)
+    plain(pos, neg, num_inference_steps=2, output_type="latent", callback=lambda *a: legacy.append(a[0]),
+          **SIZE)
     assert legacy[-2:] == [0, 1]
 
 

@@ -30,20 +30,23 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def clip_parts(root: Path, dim: int = 32, image_size: int = 32):
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
 
     torch.manual_seed(0)
     tok, vocab = tokenizer(root / "_tok")
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_size=dim, projection_dim=dim,
-        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab,
-        max_position_embeddings=16)).eval()
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=dim, image_size=image_size, projection_dim=dim, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, patch_size=8)).eval()
-    processor = CLIPImageProcessor(crop_size=image_size, size=image_size, do_center_crop=True, do_normalize=True,
-                                   do_resize=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+    text = CLIPTextModelWithProjection(CLIPTextConfig(bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                                      pad_token_id=vocab - 1, hidden_size=dim,
+                                                      projection_dim=dim, intermediate_size=37,
+                                                      num_attention_heads=4, num_hidden_layers=2,
+                                                      vocab_size=vocab, max_position_embeddings=16)).eval()
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=dim, image_size=image_size,
+                                                            projection_dim=dim, intermediate_size=37,
+                                                            num_attention_heads=4, num_hidden_layers=2,
+                                                            patch_size=8)).eval()
+    processor = CLIPImageProcessor(crop_size=image_size, size=image_size, do_center_crop=True,
+                                   do_normalize=True, do_resize=True, resample=3,
+                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
                                    image_std=[0.26862954, 0.26130258, 0.27577711])
     return dict(tokenizer=tok, text_encoder=text, image_encoder=vision, image_processor=processor)
 

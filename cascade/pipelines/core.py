@@ -129,8 +129,8 @@ def encode_text(tokenizer, text_encoder, prompt, negative_prompt, n, guide) -> d
     """CLIP text embeddings, last hidden states and padding mask per prompt, [negative, positive] to guide."""
 
     def encode(texts):
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
         out = text_encoder(tokens.input_ids.to(text_encoder.device))
         mask = tokens.attention_mask.bool().to(text_encoder.device)
         return [v.repeat_interleave(n, 0) for v in (out.text_embeds, out.last_hidden_state, mask)]

@@ -10,9 +10,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type, check_strength,
-                   connected_prior, denoise, encode_text, guided, noised_start, postprocess, prepare_latents,
-                   split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
+                   check_strength, connected_prior, denoise, encode_text, guided, noised_start, postprocess,
+                   prepare_latents, split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
 
 
 @dataclass
@@ -66,14 +66,15 @@ class KandinskyPriorBase(DiffusionPipeline):
         embeds = self.image_encoder(image.to(p.device, p.dtype)).image_embeds
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
-    def sample_embeds(self, prompt, negative_prompt, n, steps, generator, latents, guidance_scale, on_step_end,
-                      tensor_inputs, output_type, return_dict, start=None, strength=None):
+    def sample_embeds(self, prompt, negative_prompt, n, steps, generator, latents, guidance_scale,
+                      on_step_end, tensor_inputs, output_type, return_dict, start=None, strength=None):
         """Shared by text-to-embedding and embedding-to-embedding: encode, sample, split, format."""
         check_output_type(output_type, ("pt", "np"))
         prompt, negative_prompt = self.prompts(prompt, negative_prompt)
         state: dict = {}
         on_step = self.callbacks(state, on_step_end, tensor_inputs)
-        state.update(encode_text(self.tokenizer, self.text_encoder, prompt, negative_prompt, n, guidance_scale > 1))
+        state.update(encode_text(self.tokenizer, self.text_encoder, prompt, negative_prompt, n,
+                                 guidance_scale > 1))
         self.scheduler.set_timesteps(steps, device=self.device)
         if start is None:
             timesteps = self.scheduler.timesteps
@@ -123,9 +124,9 @@ class KandinskyV22PriorPipeline(KandinskyPriorBase):
                  generator=None, latents=None, guidance_scale=4.0, output_type="pt", return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """Text -> CLIP image embeddings (`image_embeds`) and the negative ones the decoder guides against."""
-        return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, generator,
-                                  latents, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                  output_type, return_dict)
+        return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
+                                  generator, latents, guidance_scale, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs, output_type, return_dict)
 
 
 class KandinskyV22PriorEmb2EmbPipeline(KandinskyPriorBase):
@@ -137,9 +138,10 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyPriorBase):
         check_strength(strength)
         rows = len(self.prompts(prompt, negative_prompt)[0]) * num_images_per_prompt
         start = lambda: self.start_embeds(image, num_images_per_prompt, rows)  # noqa: E731 (after input checks)
-        return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, generator,
-                                  None, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                  output_type, return_dict, start=start, strength=strength)
+        return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
+                                  generator, None, guidance_scale, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs, output_type, return_dict, start=start,
+                                  strength=strength)
 
     def start_embeds(self, image, n, rows):
         images = image if isinstance(image, list) else [image]
@@ -201,7 +203,8 @@ class KandinskyDecoderBase(DiffusionPipeline):
 
         def fn(x, t):
             x_in = torch.cat([x, *(state[k] for k in extra)], dim=1) if extra else x
-            cond = {"image_embeds": state["image_embeds"], **({"hint": state["hint"]} if "hint" in state else {})}
+            cond = {"image_embeds": state["image_embeds"],
+                    **({"hint": state["hint"]} if "hint" in state else {})}
             return self.unet(x_in, t, encoder_hidden_states=None, added_cond_kwargs=cond, return_dict=False)[0]
 
         model = guided(fn, state["guidance_scale"], learned_variance=True)
@@ -211,7 +214,8 @@ class KandinskyDecoderBase(DiffusionPipeline):
         x = to_tensor_batch(image, height, width).to(self.device, self.movq.dtype)
         return self.movq.encode(x).latents
 
-    def sample(self, state, latents, timesteps, generator, on_step_end, tensor_inputs, legacy, before=None, extra=()):
+    def sample(self, state, latents, timesteps, generator, on_step_end, tensor_inputs, legacy, before=None,
+               extra=()):
         on_step = self.callbacks(state, on_step_end, tensor_inputs, legacy, before)
         return denoise(self.unet_fn(state, extra), self.scheduler, latents, timesteps, generator, on_step,
                        self.progress_bar)
@@ -238,7 +242,8 @@ class KandinskyDecoderBase(DiffusionPipeline):
         check_strength(strength)
         check_output_type(output_type)
         self.latent_shape(state, height, width)
-        image = self.per_sample("image", self.encode_images(image, height, width), {**state, "guidance_scale": 1}, n)
+        image = self.per_sample("image", self.encode_images(image, height, width),
+                                {**state, "guidance_scale": 1}, n)
         self.scheduler.set_timesteps(steps, device=self.device)
         latents, timesteps = noised_start(self.scheduler, image, strength, steps, generator)
         latents = self.sample(state, latents, timesteps, generator, on_step_end, tensor_inputs, legacy)
@@ -252,36 +257,41 @@ class KandinskyV22Pipeline(KandinskyDecoderBase):
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  **kwargs):
         """CLIP image embeddings (from the prior) -> images."""
-        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
+        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt,
+                                         guidance_scale)
         return self.text2img(state, height, width, num_inference_steps, generator, latents, kwargs,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, output_type, return_dict)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, output_type,
+                             return_dict)
 
 
 class KandinskyV22ControlnetPipeline(KandinskyDecoderBase):
     @torch.no_grad()
-    def __call__(self, image_embeds, negative_image_embeds, hint, height=512, width=512, num_inference_steps=100,
-                 guidance_scale=4.0, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
-                 callback=None, callback_steps=1, return_dict=True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+    def __call__(self, image_embeds, negative_image_embeds, hint, height=512, width=512,
+                 num_inference_steps=100, guidance_scale=4.0, num_images_per_prompt=1, generator=None,
+                 latents=None, output_type="pil", callback=None, callback_steps=1, return_dict=True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """As the text-to-image decoder, steered by `hint` (e.g. a depth map, (B, 3, H, W) in [0, 1])."""
-        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
+        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt,
+                                         guidance_scale)
         hint = torch.cat(hint) if isinstance(hint, list) else hint
         state["hint"] = self.per_sample("hint", hint, state, num_images_per_prompt).to(self.device, self.unet.dtype)
         legacy = {"callback": callback, "callback_steps": callback_steps}
         return self.text2img(state, height, width, num_inference_steps, generator, latents, legacy,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, output_type, return_dict)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, output_type,
+                             return_dict)
 
 
 class KandinskyV22Img2ImgPipeline(KandinskyDecoderBase):
     unit_pt = True
 
     @torch.no_grad()
-    def __call__(self, image_embeds, image, negative_image_embeds, height=512, width=512, num_inference_steps=100,
-                 guidance_scale=4.0, strength=0.3, num_images_per_prompt=1, generator=None, output_type="pil",
-                 return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 **kwargs):
+    def __call__(self, image_embeds, image, negative_image_embeds, height=512, width=512,
+                 num_inference_steps=100, guidance_scale=4.0, strength=0.3, num_images_per_prompt=1,
+                 generator=None, output_type="pil", return_dict=True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **kwargs):
         """Images -> images guided by embeddings; `strength` is how much of the schedule is re-run."""
-        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
+        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt,
+                                         guidance_scale)
         return self.img2img(state, image, height, width, num_inference_steps, strength, num_images_per_prompt,
                             generator, kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
                             output_type, return_dict)
@@ -296,7 +306,8 @@ class KandinskyV22ControlnetImg2ImgPipeline(KandinskyDecoderBase):
                  generator=None, output_type="pil", callback=None, callback_steps=1, return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """Image-to-image steered by `hint`."""
-        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
+        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt,
+                                         guidance_scale)
         hint = torch.cat(hint) if isinstance(hint, list) else hint
         state["hint"] = self.per_sample("hint", hint, state, num_images_per_prompt).to(self.device, self.unet.dtype)
         legacy = {"callback": callback, "callback_steps": callback_steps}
@@ -335,15 +346,17 @@ def mask_batch(mask_image, height, width) -> torch.Tensor:
 
 
 class KandinskyV22InpaintPipeline(KandinskyDecoderBase):
-    _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image", "mask_image"]
+    _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image",
+                               "mask_image"]
 
     @torch.no_grad()
     def __call__(self, image_embeds, image, mask_image, negative_image_embeds, height=512, width=512,
-                 num_inference_steps=100, guidance_scale=4.0, num_images_per_prompt=1, generator=None, latents=None,
-                 output_type="pil", return_dict=True, callback_on_step_end=None,
+                 num_inference_steps=100, guidance_scale=4.0, num_images_per_prompt=1, generator=None,
+                 latents=None, output_type="pil", return_dict=True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), **kwargs):
         """Repaint the white (1) pixels of `mask_image` in `image`; each sample keeps its own image and mask."""
-        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
+        state = self.embeds_for_guidance(image_embeds, negative_image_embeds, num_images_per_prompt,
+                                         guidance_scale)
         check_output_type(output_type)
         shape = self.latent_shape(state, height, width)
         before = self.prepare_inpaint(state, image, mask_image, height, width, num_inference_steps,
@@ -352,7 +365,8 @@ class KandinskyV22InpaintPipeline(KandinskyDecoderBase):
                                   self.scheduler.init_noise_sigma)
         state["noise"] = latents.clone()
         latents = self.sample(state, latents, self.scheduler.timesteps, generator, callback_on_step_end,
-                              callback_on_step_end_tensor_inputs, kwargs, before, ("masked_image", "mask_image"))
+                              callback_on_step_end_tensor_inputs, kwargs, before,
+                              ("masked_image", "mask_image"))
         return self.decode(before(-1, None, latents), output_type, return_dict)
 
     def prepare_inpaint(self, state, image, mask_image, height, width, steps, n):
@@ -391,8 +405,8 @@ class KandinskyCombinedBase(DiffusionPipeline):
     """Prior and decoder in one object: components of the prior carry a `prior_` prefix."""
 
     decoder_class: type[KandinskyDecoderBase]
-    components_order = ("unet", "scheduler", "movq", "prior_prior", "prior_image_encoder", "prior_text_encoder",
-                        "prior_tokenizer", "prior_scheduler", "prior_image_processor")
+    components_order = ("unet", "scheduler", "movq", "prior_prior", "prior_image_encoder",
+                        "prior_text_encoder", "prior_tokenizer", "prior_scheduler", "prior_image_processor")
     _callback_tensor_inputs = KandinskyDecoderBase._callback_tensor_inputs
 
     @property
@@ -410,7 +424,8 @@ class KandinskyCombinedBase(DiffusionPipeline):
     def chain(self, args: dict):
         """Run the prior, then the decoder on its embeddings, forwarding every argument by name."""
         args, prior_args = split_args(args)
-        prior_args.update({k: args[k] for k in ("prompt", "negative_prompt", "num_images_per_prompt", "generator")})
+        prior_args.update({k: args[k] for k in ("prompt", "negative_prompt", "num_images_per_prompt",
+                                                "generator")})
         prior_args.update(latents=args.pop("latents"), output_type="pt", return_dict=False)
         decoder = self.decoder_pipe
         decoder.callbacks({}, args.get("callback_on_step_end"), args.get("callback_on_step_end_tensor_inputs"))
@@ -464,10 +479,11 @@ class KandinskyV22InpaintCombinedPipeline(KandinskyCombinedBase):
     _callback_tensor_inputs = KandinskyV22InpaintPipeline._callback_tensor_inputs
 
     @torch.no_grad()
-    def __call__(self, prompt, image, mask_image, negative_prompt=None, num_inference_steps=100, guidance_scale=4.0,
-                 num_images_per_prompt=1, height=512, width=512, prior_guidance_scale=4.0,
-                 prior_num_inference_steps=25, generator=None, latents=None, output_type="pil", return_dict=True,
-                 prior_callback_on_step_end=None, prior_callback_on_step_end_tensor_inputs=("latents",),
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **kwargs):
+    def __call__(self, prompt, image, mask_image, negative_prompt=None, num_inference_steps=100,
+                 guidance_scale=4.0, num_images_per_prompt=1, height=512, width=512, prior_guidance_scale=4.0,
+                 prior_num_inference_steps=25, generator=None, latents=None, output_type="pil",
+                 return_dict=True, prior_callback_on_step_end=None,
+                 prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **kwargs):
         """Text + image + mask -> inpainted images."""
         return self.chain(locals())
