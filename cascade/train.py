@@ -16,6 +16,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +45,8 @@ def word_tokenizer(folder: Path, words=WORDS):
     chars, merges = byte_chars(), []
     pieces = [[*w[:-1], w[-1] + "</w>"] for w in words]
     while any(len(p) > 1 for p in pieces):
-        merges += [m for m in dict.fromkeys(f"{''.join(p[:i])} {p[i]}" for p in pieces for i in range(1, len(p)))
-                   if m not in merges]
+        joins = (f"{''.join(p[:i])} {p[i]}" for p in pieces for i in range(1, len(p)))
+        merges += [m for m in dict.fromkeys(joins) if m not in merges]
         vocab = dict.fromkeys([*chars, *(c + "</w>" for c in chars), *(m.replace(" ", "") for m in merges),
                                "<|startoftext|>", "<|endoftext|>"])
         (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
@@ -57,10 +58,10 @@ def word_tokenizer(folder: Path, words=WORDS):
 
 
 def build(seed: int = 0, width: int = 32) -> dict:
-    """The untrained cascade as the combined pipeline's components; `width` is the UNet's and MoVQ's first
-    block width (the others are multiples of it)."""
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    """The untrained cascade as the combined pipeline's components; `width` is the first block width of the
+    UNet and the MoVQ (the others are multiples of it)."""
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
 
     from .models import PriorTransformer, UNet2DConditionModel, VQModel
     from .schedulers import DDPMScheduler, UnCLIPScheduler
@@ -70,24 +71,28 @@ def build(seed: int = 0, width: int = 32) -> dict:
         tokenizer = word_tokenizer(Path(vocab))
     n, clip = len(tokenizer), dict(hidden_size=DIM, intermediate_size=4 * DIM, num_attention_heads=4,
                                    num_hidden_layers=2, projection_dim=DIM)
-    text = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=n, max_position_embeddings=MAX_LENGTH,
-                                                      bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1,
-                                                      **clip))
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=n, max_position_embeddings=MAX_LENGTH, bos_token_id=n - 2, eos_token_id=n - 1,
+        pad_token_id=n - 1, **clip))
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=dw.SIZE, patch_size=8, **clip))
-    prior = PriorTransformer(**{**presets.KANDINSKY22_PRIOR, "num_attention_heads": 4, "attention_head_dim": 16,
-                                "num_layers": 2, "embedding_dim": DIM, "num_embeddings": MAX_LENGTH})
+    prior = PriorTransformer(**{**presets.KANDINSKY22_PRIOR, "num_attention_heads": 4,
+                                "attention_head_dim": DIM // 4, "num_layers": 2, "embedding_dim": DIM,
+                                "num_embeddings": MAX_LENGTH})
     # MoVQ's spatial norms have 32 groups whatever the config says, so its widths stay multiples of 32.
     w, groups = width, dict(norm_num_groups=min(32, width))
-    unet = UNet2DConditionModel(**{**presets.KANDINSKY22_UNET, "block_out_channels": (w, 2 * w, 3 * w, 4 * w),
-                                   "layers_per_block": 1, "attention_head_dim": w // 2, "encoder_hid_dim": DIM,
-                                   "cross_attention_dim": 64, "addition_embed_type_num_heads": 16,
-                                   "sample_size": 16, **groups})
-    movq = VQModel(**{**presets.MOVQ, "block_out_channels": tuple(max(32, c) for c in (w, 2 * w, 2 * w)),
-                      "layers_per_block": 1,
-                      "num_vq_embeddings": 256, "down_block_types": presets.MOVQ["down_block_types"][1:],
-                      "up_block_types": presets.MOVQ["up_block_types"][1:], **groups})
+    unet = UNet2DConditionModel(**{
+        **presets.KANDINSKY22_UNET, "block_out_channels": (w, 2 * w, 3 * w, 4 * w), "layers_per_block": 1,
+        "attention_head_dim": w // 2, "encoder_hid_dim": DIM, "cross_attention_dim": DIM,
+        "addition_embed_type_num_heads": 16, "sample_size": dw.SIZE // 4, **groups})
+    # Three MoVQ levels: 64 x 64 images <-> 16 x 16 latents.
+    movq = VQModel(**{
+        **presets.MOVQ, "block_out_channels": tuple(max(32, c) for c in (w, 2 * w, 2 * w)),
+        "layers_per_block": 1, "num_vq_embeddings": 256, **groups,
+        "down_block_types": presets.MOVQ["down_block_types"][1:],
+        "up_block_types": presets.MOVQ["up_block_types"][1:]})
     return dict(unet=unet, scheduler=DDPMScheduler(**presets.KANDINSKY22_DECODER_SCHEDULER), movq=movq,
-                prior_prior=prior, prior_image_encoder=vision, prior_text_encoder=text, prior_tokenizer=tokenizer,
+                prior_prior=prior, prior_image_encoder=vision, prior_text_encoder=text,
+                prior_tokenizer=tokenizer,
                 prior_scheduler=UnCLIPScheduler(**presets.KANDINSKY22_PRIOR_SCHEDULER),
                 prior_image_processor=CLIPImageProcessor(size={"shortest_edge": dw.SIZE},
                                                          crop_size={"height": dw.SIZE, "width": dw.SIZE}))
@@ -105,7 +110,7 @@ def world_batch(seed: int, step: int, size: int = 16) -> dict:
 
 
 def clip_pixels(parts: dict, pixels: torch.Tensor) -> torch.Tensor:
-    """The image processor's normalisation, done on tensors (the images are already at the encoder's size)."""
+    """The image processor's normalisation on tensors (the images already have the encoder's size)."""
     p = parts["prior_image_processor"]
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (p.image_mean, p.image_std))
     return (pixels / 255 - mean) / std
@@ -160,7 +165,8 @@ def prior_loss(parts: dict, batch: dict, p_uncond: float = 0.1) -> torch.Tensor:
 
 
 def decoder_loss(parts: dict, batch: dict, p_uncond: float = 0.1) -> torch.Tensor:
-    """Epsilon loss on the first 4 output channels; the zero image's embedding stands in for "no condition"."""
+    """Epsilon loss on the latent channels of the output (the rest is the learned variance, left untrained);
+    the all-zeros image's embedding, the pipelines' negative, stands in for "no condition"."""
     g = batch["generator"]
     with torch.no_grad():
         latents = parts["movq"].encode(batch["pixels"] / 127.5 - 1).latents
@@ -179,7 +185,7 @@ def decoder_loss(parts: dict, batch: dict, p_uncond: float = 0.1) -> torch.Tenso
 class Stage:
     name: str
     model: torch.nn.Module
-    loss: Callable[[dict, dict], torch.Tensor]
+    loss: Callable[[dict], torch.Tensor]  # batch -> loss
     batch: Callable[[int], dict]  # step -> batch
     lr: float = 1e-3
     prepare: Callable[[], None] | None = None  # before the first step of a fresh start
@@ -193,36 +199,41 @@ def stages(parts: dict, seed: int = 0, batch_size: int = 16) -> list[Stage]:
     models = dict(clip=clip, movq=parts["movq"], prior=parts["prior_prior"], decoder=parts["unet"])
     losses = dict(clip=clip_loss, movq=movq_loss, prior=prior_loss, decoder=decoder_loss)
     stats = dict(prior=lambda: set_clip_stats(parts, world_batch(seed + 1000 * len(STAGES), 0, 256)))
-    return [Stage(name, models[name], losses[name], batches(i), 3e-4 if name == "prior" else 1e-3, stats.get(name))
-            for i, name in enumerate(STAGES)]
+    return [Stage(name, models[name], partial(losses[name], parts), batches(i),
+                  3e-4 if name == "prior" else 1e-3, stats.get(name)) for i, name in enumerate(STAGES)]
 
 
-def train(stage: Stage, parts: dict, folder: Path, steps: int | None = None, minutes: float | None = None,
+def train(stage: Stage, folder: Path, steps: int | None = None, minutes: float | None = None,
           resume: bool = True, save_every: float = 60.0) -> list[float]:
-    """Train one stage until `steps` or `minutes` run out; checkpoint to folder/<name>.pt. Returns the losses."""
+    """Train one stage until `steps` or `minutes` run out, checkpointing to folder/<name>.pt; returns the
+    losses of the steps taken. A finished stage is not trained again unless `steps` asks for more."""
+    if steps is None and not minutes:
+        raise ValueError("train: give steps, minutes or both")
     if stage.prepare is not None:
         stage.prepare()  # a checkpoint loaded below overrides what it sets
     params = [p for p in stage.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
     path, step, losses = Path(folder) / f"{stage.name}.pt", 0, []
     if resume and path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         stage.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if state["done"] and (steps is None or step >= steps):
             return losses
-    start = saved = time.monotonic()
+    start = saved = logged = time.monotonic()
     deadline = start + 60 * minutes if minutes else math.inf
     stage.model.train()
     while step < (steps if steps is not None else math.inf) and time.monotonic() < deadline:
-        loss = stage.loss(parts, stage.batch(step))
+        loss = stage.loss(stage.batch(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step, losses = step + 1, losses + [loss.item()]
-        if step % 10 == 0 or step == steps:
-            log.info("%s step %d loss %.4f (%.0f s)", stage.name, step, loss.item(), time.monotonic() - start)
+        step += 1
+        losses.append(loss.item())
+        if time.monotonic() - logged > 10 or step == steps:
+            log.info("%s step %d loss %.4f (%.0f s)", stage.name, step, losses[-1], time.monotonic() - start)
+            logged = time.monotonic()
         if time.monotonic() - saved > save_every:
             save(path, stage, opt, step, False)
             saved = time.monotonic()
@@ -252,17 +263,17 @@ def set_clip_stats(parts: dict, batch: dict):
     prior.clip_std.requires_grad_(False)
 
 
-def train_all(folder, minutes_per_stage: float | None = None, steps: int | dict | None = 1000, seed: int = 0,
-              resume: bool = True, batch_size: int = 16, width: int = 32):
-    """Train the four stages in order, then save the KandinskyV22CombinedPipeline to `folder`
-    (stage checkpoints go to folder/stages). `steps` is per stage: one number or {stage name: number}."""
+def train_all(folder, minutes_per_stage: float | dict | None = None, steps: int | dict | None = 1000,
+              seed: int = 0, resume: bool = True, batch_size: int = 16, width: int = 32):
+    """Train the four stages in order, then save the KandinskyV22CombinedPipeline to `folder` (stage
+    checkpoints go to folder/stages). Budgets are per stage: one number for all or {stage name: number}."""
     from .pipelines.kandinsky import KandinskyV22CombinedPipeline
 
     folder = Path(folder)
     parts = build(seed, width)
     for stage in stages(parts, seed, batch_size):
-        n = steps.get(stage.name) if isinstance(steps, dict) else steps
-        train(stage, parts, folder / "stages", n, minutes_per_stage, resume)
+        budgets = (b.get(stage.name) if isinstance(b, dict) else b for b in (steps, minutes_per_stage))
+        train(stage, folder / "stages", *budgets, resume)
         freeze(stage.model)
     pipe = KandinskyV22CombinedPipeline(**parts)
     pipe.save_pretrained(folder)
@@ -278,7 +289,8 @@ def main(argv=None):
     parser.add_argument("--no-resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train_all(args.out_dir, args.minutes, args.steps, args.seed, not args.no_resume)
+    steps = args.steps if args.steps is not None or args.minutes is not None else 1000
+    train_all(args.out_dir, args.minutes, steps, args.seed, not args.no_resume)
 
 
 if __name__ == "__main__":
