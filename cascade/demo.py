@@ -29,7 +29,7 @@ def byte_tokenizer(folder: Path, max_length: int = 77, merges=("t h", "th e</w>"
 
     chars = byte_chars()
     vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))  # merges may repeat a token
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
