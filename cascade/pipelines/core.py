@@ -125,12 +125,25 @@ class with_next_timestep:
         return self.scheduler.step(out, t, x, prev_timestep=nxt, generator=generator, return_dict=return_dict)
 
 
+def tokenize(tokenizer, texts):
+    """Token ids and attention mask, padded and truncated to the tokenizer's length, as every CLIP stage wants."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
+
+
+def encode_image(processor, image_encoder, image) -> torch.Tensor:
+    """CLIP image embeddings of PIL images (through the processor) or of already prepared pixel tensors."""
+    if not isinstance(image, torch.Tensor):
+        image = processor(images=image, return_tensors="pt").pixel_values
+    p = next(image_encoder.parameters())
+    return image_encoder(image.to(p.device, p.dtype)).image_embeds
+
+
 def encode_text(tokenizer, text_encoder, prompt, negative_prompt, n, guide) -> dict:
     """CLIP text embeddings, last hidden states and padding mask per prompt, [negative, positive] to guide."""
 
     def encode(texts):
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
+        tokens = tokenize(tokenizer, texts)
         out = text_encoder(tokens.input_ids.to(text_encoder.device))
         mask = tokens.attention_mask.bool().to(text_encoder.device)
         return [v.repeat_interleave(n, 0) for v in (out.text_embeds, out.last_hidden_state, mask)]

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
-                   check_strength, connected_prior, denoise, encode_text, guided, noised_start, postprocess,
-                   prepare_latents, split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
+                   check_strength, connected_prior, denoise, encode_image, encode_text, guided, noised_start,
+                   postprocess, prepare_latents, split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
 
 
 @dataclass
@@ -60,10 +60,7 @@ class KandinskyPriorBase(DiffusionPipeline):
         return fn
 
     def encode_image(self, image, num_images_per_prompt):
-        if not isinstance(image, torch.Tensor):
-            image = self.image_processor(image, return_tensors="pt").pixel_values
-        p = next(self.image_encoder.parameters())
-        embeds = self.image_encoder(image.to(p.device, p.dtype)).image_embeds
+        embeds = encode_image(self.image_processor, self.image_encoder, image)
         return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
     def sample_embeds(self, prompt, negative_prompt, n, steps, generator, latents, guidance_scale,

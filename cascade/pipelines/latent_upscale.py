@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..loading import resolve
 from .core import (DiffusionPipeline, Output, check_output_type, denoise, guided, postprocess,
-                   prepare_latents, to_tensor_batch)
+                   prepare_latents, to_tensor_batch, tokenize)
 
 UPSCALER_REPO = "stabilityai/sd-x2-latent-upscaler"
 
@@ -92,8 +92,7 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         guide."""
 
         def encode(texts):
-            ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+            ids = tokenize(self.tokenizer, texts).input_ids
             out = self.text_encoder(ids.to(self.device), output_hidden_states=True)
             return out.hidden_states[-1], out.pooler_output
 

@@ -6,8 +6,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .core import (DiffusionPipeline, ImagePipelineOutput, check_output_type, denoise, encode_text, guided,
-                   postprocess, prepare_latents, with_next_timestep)
+from .core import (DiffusionPipeline, ImagePipelineOutput, check_output_type, denoise, encode_image,
+                   encode_text, guided, postprocess, prepare_latents, with_next_timestep)
 
 
 def conditioned(model, cond: dict):
@@ -214,7 +214,4 @@ class UnCLIPImageVariationPipeline(UnCLIPBase):
     def encode_image(self, image, image_embeddings):
         if image_embeddings is not None:
             return image_embeddings.to(self.device)
-        if not isinstance(image, torch.Tensor):
-            image = self.feature_extractor(images=image, return_tensors="pt").pixel_values
-        p = next(self.image_encoder.parameters())
-        return self.image_encoder(image.to(p.device, p.dtype)).image_embeds
+        return encode_image(self.feature_extractor, self.image_encoder, image)

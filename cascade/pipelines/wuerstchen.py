@@ -11,7 +11,8 @@ import torch
 
 from ..lora import LoraLoaderMixin
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
-                   connected_prior, denoise, guided, postprocess, prepare_latents, split_args, sub_pipeline)
+                   connected_prior, denoise, guided, postprocess, prepare_latents, split_args, sub_pipeline,
+                   tokenize)
 
 # Stage C's recommended schedule: 19 steps over the noisiest third, 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:]]
@@ -45,8 +46,7 @@ class WuerstchenStage(DiffusionPipeline):
     """What both stages share: CLIP last hidden states, the schedule, the loop over all timesteps but 0."""
 
     def encode(self, prompts: list[str], repeats: int) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+        tokens = tokenize(self.tokenizer, prompts)
         device = self.text_encoder.device
         out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
         return out.last_hidden_state.to(self.device).repeat_interleave(repeats, 0)
