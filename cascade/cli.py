@@ -124,14 +124,28 @@ def read_inputs(args) -> dict:
 
 def locate(model: str, patterns=None) -> Path:
     """MODEL as a folder, or a Hub repo id downloaded (what a load reads, or only `patterns`)."""
+    from .loading import builtin
     from .pipelines.core import download, resolve
 
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if (own := builtin(model)) is not None:
+        return own
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise FileNotFoundError(f"{model}: no such folder (and not a Hub repo id, owner/name)")
     return download(model) if patterns is None else resolve(model, None, patterns)
+
+
+def native_size(folder: Path) -> tuple[int, int] | None:
+    """The size a Kandinsky decoder was trained at: its UNet's sample size times the MoVQ's downscaling."""
+    from .config import read_json
+
+    unet, movq = folder / "unet" / "config.json", folder / "movq" / "config.json"
+    if not (unet.is_file() and movq.is_file()):
+        return None
+    side = read_json(unet)["sample_size"] * 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
+    return side, side
 
 
 def defaults(fn) -> dict:
@@ -257,6 +271,7 @@ def run(args) -> int:
     task = COMMANDS[args.command][0] + ("_img2img" if args.command == "controlnet" and args.image else "")
     inputs = read_inputs(args)
     folder = locate(args.model)
+    args.input_size = getattr(args, "input_size", None) or native_size(folder)
     saved = read_json(folder / "model_index.json")["_class_name"]
     cls = pipeline_class(saved, task)
     allowed = next(v for k, v in FAMILY_SCHEDULERS.items() if saved.startswith(k))
@@ -361,21 +376,23 @@ def info(args) -> int:
 # --------------------------------------------------------------------------------------------- the parser
 
 def demo(args) -> int:
+    """The built-in demo cascade with every default but the size it was trained at."""
     import torch
 
-    from .demo import random_kandinsky
+    from .demo_world import SIZE, parse
     from .pipelines.kandinsky import KandinskyV22CombinedPipeline
 
-    folder = Path(args.checkpoint)
-    if not (folder / "model_index.json").is_file():
-        print(f"building a small Kandinsky 2.2 checkpoint with RANDOM weights in {folder} "
-              "(its images are noise, not the prompt)", file=sys.stderr)
-        random_kandinsky(folder)
+    try:
+        parse(args.prompt)
+    except ValueError:
+        print("note: the demo model knows one world, captions like 'a red circle on a blue background' "
+              "(colours: red green blue yellow cyan magenta white black; circle, square or triangle)",
+              file=sys.stderr)
     start = time.perf_counter()
-    pipe = KandinskyV22CombinedPipeline.from_pretrained(folder)
+    pipe = KandinskyV22CombinedPipeline.from_pretrained("demo")
+    pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
-    image = pipe(args.prompt, num_inference_steps=args.steps, prior_num_inference_steps=args.steps,
-                 height=args.size, width=args.size, generator=generator).images[0]
+    image = pipe(args.prompt, height=SIZE, width=SIZE, generator=generator).images[0]
     image.save(args.output)
     print(f"wrote {args.output} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s")
     return 0
@@ -418,12 +435,13 @@ GENERATION = list(ARGUMENTS)[5:]
 
 def parser() -> argparse.ArgumentParser:
     top = Parser(prog="cascade", description="Cascaded text-to-image diffusion: Kandinsky 2.2, Würstchen, "
-                 "Karlo (unCLIP) and the SD x2 latent upscaler. MODEL is a local folder or a Hub repo id.",
+                 "Karlo (unCLIP) and the SD x2 latent upscaler. MODEL is a local folder, a Hub repo id or "
+                 "demo (the built-in demo model).",
                  epilog="Each PNG records its parameters: `cascade generate --from IMAGE.png` remakes it.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, prompted, inputs, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("model", metavar="MODEL", help="pipeline folder or Hub repo id")
+        p.add_argument("model", metavar="MODEL", help="pipeline folder, Hub repo id, or demo")
         if prompted:
             p.add_argument("prompt", help="what to draw")
         for flags, settings in (ARGUMENTS[i] for i in [*inputs, *GENERATION] if i != "mask"):
@@ -441,12 +459,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="pipeline or model folder, or Hub repo id")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=info)
-    p = sub.add_parser("demo", help="generate an image with a small random-weight Kandinsky 2.2 checkpoint")
-    p.add_argument("--prompt", default="a red cat on a blue sofa")
+    p = sub.add_parser("demo", help="draw a prompt with the built-in demo model (offline, seconds)")
+    p.add_argument("prompt", nargs="?", default="a yellow triangle on a blue background")
     p.add_argument("--output", default="demo.png")
-    p.add_argument("--checkpoint", default="out/random-kandinsky", help="folder to build the checkpoint in")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
     return top

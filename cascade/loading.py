@@ -12,6 +12,20 @@ from .attention_options import AttentionOptions
 from .config import Configurable, read_json, write_json
 
 WEIGHTS = "diffusion_pytorch_model"
+BUILTIN = Path(__file__).parent / "weights"  # checkpoints shipped in the package (float16 files)
+DEMO_PARTS = ("demo", "demo-prior", "demo-inpaint")
+
+
+def builtin(name_or_path, part: str | None = None) -> Path | None:
+    """The folder of a checkpoint shipped in the package that a name (or its path) means, else None. The
+    demo is one cascade in three folders: "demo" asked for by a pipeline that runs another `part` of it (the
+    prior alone, the inpainting decoder) gives that part. A local folder of the same name wins."""
+    path = Path(name_or_path)
+    if str(name_or_path) in DEMO_PARTS and not path.exists():
+        path = BUILTIN / str(name_or_path)
+    elif path.parent.resolve() != BUILTIN.resolve() or path.name not in DEMO_PARTS:
+        return None
+    return path.parent / part if part and path.name == "demo" else path
 
 
 def with_variant(name: str, variant: str | None) -> str:
@@ -23,9 +37,12 @@ def with_variant(name: str, variant: str | None) -> str:
 
 
 def resolve(path_or_repo: str | os.PathLike, subfolder: str | None = None, patterns=None, **hub) -> Path:
-    """A local folder as is; otherwise a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    """A local folder as is, a built-in name its folder in the package, otherwise a Hub repo id downloaded
+    (or found in the cache) by huggingface_hub."""
     path = Path(path_or_repo)
-    if not path.is_dir():
+    if not path.is_dir() and (own := builtin(path_or_repo)) is not None:
+        path = own
+    elif not path.is_dir():
         from huggingface_hub import snapshot_download
 
         hub = {k: v for k, v in hub.items() if v is not None}
@@ -104,6 +121,8 @@ class ModelMixin(Configurable, AttentionOptions, nn.Module):
     def from_pretrained(cls, path_or_repo, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None, cache_dir=None,
                         revision=None, local_files_only=None, token=None, **kwargs):
+        if (own := builtin(path_or_repo)) is not None:
+            path_or_repo, torch_dtype = own, torch_dtype or torch.float32  # float16 only to ship small
         pattern = f"{subfolder}/*" if subfolder else None
         folder = resolve(path_or_repo, subfolder, pattern and [pattern], cache_dir=cache_dir,
                          revision=revision, local_files_only=local_files_only, token=token)

@@ -37,16 +37,44 @@ def test_every_caption_word_is_one_token(parts):
 
 def test_stages_run_in_order_and_learn(parts, tmp_path):
     """Few steps each, in order (each stage uses the frozen ones before it); MoVQ and decoder losses fall."""
+    names = []
     for stage in T.stages(parts, seed=0, batch_size=2):
-        steps = 20 if stage.name in ("movq", "decoder") else 3  # batches of 2 keep it fast
+        names.append(stage.name)
+        steps = 20 if stage.name in ("movq", "decoder", "inpaint") else 3  # batches of 2 keep it fast
         stage = fixed(stage) if steps == 20 else stage
         losses = T.train(stage, tmp_path, steps=steps)
         assert len(losses) == steps and all(math.isfinite(v) for v in losses), stage.name
         if steps == 20:
             assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), (stage.name, losses)
         T.freeze(stage.model)
+    assert names == list(T.STAGES)
     prior = parts["prior_prior"]
     assert (prior.clip_std > 0).all() and not prior.clip_std.requires_grad
+    assert parts["unet_inpaint"].conv_in.weight.shape[1] == 9
+
+
+def test_standardised_latents_decode_to_the_same_images():
+    parts = T.build(seed=1, width=8)
+    movq, batch = parts["movq"], T.world_batch(7, 0, 8)
+    x = batch["pixels"] / 127.5 - 1
+    with torch.no_grad():
+        before = movq.decode(movq.encode(x).latents, force_not_quantize=True).sample
+        T.standardise_latents(parts, batch)
+        latents = movq.encode(x).latents
+        after = movq.decode(latents, force_not_quantize=True).sample
+    torch.testing.assert_close(latents.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents.std((0, 2, 3)), torch.ones(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_inpainting_masks_cover_what_they_should():
+    batch = T.world_batch(3, 0, 64)
+    masks = T.repaint_masks(batch)
+    assert masks.shape == (64, 1, dw.SIZE, dw.SIZE) and set(masks.unique().tolist()) == {0.0, 1.0}
+    covers_shape = [bool(m[0][torch.from_numpy(dw.mask(a["shape"], a["side"], a["x"], a["y"]))].all())
+                    for m, a in zip(masks, batch["attributes"])]
+    assert 0.2 < sum(covers_shape) / len(covers_shape) < 1  # half are the shape's box, half anywhere
+    assert (masks.sum((1, 2, 3)) >= 8 * 8).all()
 
 
 def state(model):
@@ -60,7 +88,7 @@ def test_resume_continues_exactly(tmp_path):
     straight = clip_stage()
     T.train(straight, tmp_path / "a", steps=4)
     first = clip_stage()
-    T.train(first, tmp_path / "b", steps=2)
+    T.train(first, tmp_path / "b", steps=2, schedule=4)  # as if stopped halfway
     second = clip_stage()  # a fresh process: rebuilt model, state from the checkpoint
     losses = T.train(second, tmp_path / "b", steps=4)
     assert len(losses) == 2
@@ -73,8 +101,19 @@ def test_resume_continues_exactly(tmp_path):
 def test_train_all_writes_a_pipeline_that_draws(tmp_path):
     from cascade import KandinskyV22CombinedPipeline
 
-    T.train_all(tmp_path, steps=dict(clip=2, movq=1, prior=2, decoder=2), batch_size=2, width=8)
-    pipe = KandinskyV22CombinedPipeline.from_pretrained(tmp_path)
-    image = pipe("a red circle on a blue background", height=dw.SIZE, width=dw.SIZE, num_inference_steps=2,
-                 prior_num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    from cascade import KandinskyV22InpaintCombinedPipeline
+
+    T.train_all(tmp_path, steps=dict(clip=2, movq=1, prior=2, decoder=2, inpaint=2), batch_size=2, width=8,
+                dtype=torch.float16)
+    run = dict(height=dw.SIZE, width=dw.SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(tmp_path / "demo", torch_dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32 and pipe.prior_text_encoder.dtype == torch.float32
+    generator = torch.Generator().manual_seed(0)
+    image = pipe("a red circle on a blue background", **run, generator=generator).images[0]
+    assert image.size == (dw.SIZE, dw.SIZE)
+    inpaint = KandinskyV22InpaintCombinedPipeline.from_pretrained(tmp_path / "demo-inpaint",
+                                                                  torch_dtype=torch.float32)
+    mask = torch.zeros(dw.SIZE, dw.SIZE)
+    mask[8:40, 8:40] = 1
+    image = inpaint("a red circle on a blue background", image, mask, **run).images[0]
     assert image.size == (dw.SIZE, dw.SIZE)

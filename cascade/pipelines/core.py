@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 
 from ..config import DIFFUSERS_VERSION, read_json, write_json
-from ..loading import resolve
+from ..loading import builtin, resolve
 from ..schedulers.base import randn_tensor
 from .offload import OffloadMixin
 
@@ -217,6 +217,7 @@ class DiffusionPipeline(OffloadMixin):
     """Components by name, loading and saving in the reference's layout, device, progress and callbacks."""
 
     components_order: ClassVar[tuple[str, ...]] = ()
+    demo_part: ClassVar[str | None] = None  # which folder of the built-in demo cascade runs this pipeline
     config_values: ClassVar[dict[str, Any]] = {}  # plain values model_index.json carries
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
     _optional_components: ClassVar[tuple[str, ...]] = ()
@@ -249,6 +250,11 @@ class DiffusionPipeline(OffloadMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant=None, cache_dir=None,
                         revision=None, local_files_only=None, token=None, **kwargs):
+        if (own := builtin(pretrained_model_name_or_path, cls.demo_part)) is not None:
+            if cls.demo_part is None:
+                raise ValueError(f"{pretrained_model_name_or_path}: the demo is a Kandinsky 2.2 cascade; "
+                                 f"{cls.__name__} cannot run it")
+            pretrained_model_name_or_path, torch_dtype = own, torch_dtype or torch.float32
         folder = download(pretrained_model_name_or_path, variant, cache_dir=cache_dir, revision=revision,
                           local_files_only=local_files_only, token=token)
         index = read_json(folder / "model_index.json")

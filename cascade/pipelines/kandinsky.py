@@ -39,6 +39,7 @@ def zero_image_embeds(image_encoder, batch: int) -> torch.Tensor:
 
 class KandinskyPriorBase(DiffusionPipeline):
     components_order = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
+    demo_part = "demo-prior"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "text_encoder_hidden_states", "text_mask"]
 
     def prompts(self, prompt, negative_prompt):
@@ -158,6 +159,7 @@ class KandinskyDecoderBase(DiffusionPipeline):
     """What the five decoders share: embeddings for guidance, the UNet as a model function, MoVQ decoding."""
 
     components_order = ("unet", "scheduler", "movq")
+    demo_part = "demo"
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds"]
     unit_pt = False  # the reference returns "pt" images in [-1, 1] here, in [0, 1] from img2img
 
@@ -343,6 +345,7 @@ def mask_batch(mask_image, height, width) -> torch.Tensor:
 
 
 class KandinskyV22InpaintPipeline(KandinskyDecoderBase):
+    demo_part = "demo-inpaint"
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image",
                                "mask_image"]
 
@@ -402,6 +405,7 @@ class KandinskyCombinedBase(DiffusionPipeline):
     """Prior and decoder in one object: components of the prior carry a `prior_` prefix."""
 
     decoder_class: type[KandinskyDecoderBase]
+    demo_part = "demo"
     components_order = ("unet", "scheduler", "movq", "prior_prior", "prior_image_encoder",
                         "prior_text_encoder", "prior_tokenizer", "prior_scheduler", "prior_image_processor")
     _callback_tensor_inputs = KandinskyDecoderBase._callback_tensor_inputs
@@ -472,6 +476,7 @@ class KandinskyV22Img2ImgCombinedPipeline(KandinskyCombinedBase):
 
 
 class KandinskyV22InpaintCombinedPipeline(KandinskyCombinedBase):
+    demo_part = "demo-inpaint"
     decoder_class = KandinskyV22InpaintPipeline
     _callback_tensor_inputs = KandinskyV22InpaintPipeline._callback_tensor_inputs
 
