@@ -375,9 +375,10 @@ def train(stage: Stage, folder: Path, steps: int | None = None, minutes: float |
     return finish(stage, losses)
 
 
-def learning_rate(step: int, steps: int | None, warmup: int = 100) -> float:
-    """Linear warm-up (transformers trained from scratch need it), then, when the run's length is known,
-    a cosine decay to a tenth: the last steps refine rather than wander."""
+def learning_rate(step: int, steps: int | None) -> float:
+    """Linear warm-up over 100 steps (a fifth of a short run): transformers trained from scratch need it.
+    Then, when the run's length is known, a cosine decay to a tenth: the last steps refine, not wander."""
+    warmup = 100 if steps is None else max(1, min(100, steps // 5))
     ramp = min(1.0, (step + 1) / warmup)
     return ramp if steps is None else ramp * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 

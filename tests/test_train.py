@@ -83,7 +83,7 @@ def state(model):
 
 def test_resume_continues_exactly(tmp_path):
     def clip_stage():
-        return T.stages(T.build(seed=0, width=8), seed=0, batch_size=4)[0]
+        return next(T.stages(T.build(seed=0, width=8), seed=0, batch_size=4))
 
     straight = clip_stage()
     T.train(straight, tmp_path / "a", steps=4)
