@@ -144,7 +144,10 @@ def native_size(folder: Path) -> tuple[int, int] | None:
     unet, movq = folder / "unet" / "config.json", folder / "movq" / "config.json"
     if not (unet.is_file() and movq.is_file()):
         return None
-    side = read_json(unet)["sample_size"] * 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
+    sample = read_json(unet).get("sample_size")
+    if not isinstance(sample, int):
+        return None
+    side = sample * 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
     return side, side
 
 
