@@ -229,10 +229,12 @@ def prior_loss(parts: dict, batch: dict, p_uncond: float = 0.1) -> torch.Tensor:
 def decoder_inputs(parts: dict, batch: dict, p_uncond: float = 0.1) -> tuple:
     """(MoVQ latents, conditioning) of a batch; the all-zeros image's embedding, the pipelines' negative,
     stands in for "no condition" at rate p_uncond."""
+    from .pipelines.kandinsky import zero_image_embeds
+
     with torch.no_grad():
         latents = parts["movq"].encode(batch["pixels"] / 127.5 - 1).latents
         embeds = image_embeds(parts, batch["pixels"])
-        zero = parts["prior_image_encoder"](torch.zeros(1, 3, dw.SIZE, dw.SIZE)).image_embeds
+        zero = zero_image_embeds(parts["prior_image_encoder"], 1)  # the pipelines' own, computed once
     drop = (torch.rand(embeds.shape[0], generator=batch["generator"]) < p_uncond)[:, None]
     return latents, {"image_embeds": torch.where(drop, zero, embeds)}
 
