@@ -22,7 +22,7 @@ from PIL import Image
 
 from cascade import demo_world as dw
 
-SEED = 20261122  # the captions' stream; training draws from seeds 0..4000
+SEED = 20261122  # the captions' stream; training draws from seeds 0..6000
 SIZE = dict(height=dw.SIZE, width=dw.SIZE)
 
 
@@ -91,12 +91,7 @@ def inpaint_score(model: str, n: int) -> dict:
     pipe = KandinskyV22InpaintCombinedPipeline.from_pretrained(model if builtin(model) else f"{model}-inpaint")
     rng, sources = np.random.default_rng(SEED), world(n)
     targets = [dw.caption(recolour(rng, a)) for _, _, a in sources]
-    masks = []
-    for _, _, a in sources:
-        m = np.zeros((dw.SIZE, dw.SIZE), np.uint8)
-        lo, hi = (max(0, a["y"] - 2), max(0, a["x"] - 2)), (a["y"] + a["side"] + 2, a["x"] + a["side"] + 2)
-        m[lo[0] : hi[0], lo[1] : hi[1]] = 255
-        masks.append(Image.fromarray(m))
+    masks = [Image.fromarray(dw.box(a, grow=2).astype(np.uint8) * 255) for _, _, a in sources]
     images = generate(pipe, n, prompt=targets, image=[Image.fromarray(i) for i, _, _ in sources],
                       mask_image=masks)
     return dw.score(images, targets)

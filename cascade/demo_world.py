@@ -49,6 +49,14 @@ def mask(shape: str, side: int, x: int, y: int) -> np.ndarray:
     return box if shape == "square" else box & (np.abs(u) <= v / 2)
 
 
+def box(attributes: dict, grow: int = 0) -> np.ndarray:
+    """SIZE x SIZE boolean mask of the shape's bounding box grown by `grow` pixels on every side (the
+    region an inpainting test repaints)."""
+    a, out = attributes, np.zeros((SIZE, SIZE), bool)
+    out[max(0, a["y"] - grow) : a["y"] + a["side"] + grow, max(0, a["x"] - grow) : a["x"] + a["side"] + grow] = True
+    return out
+
+
 def draw(shape: str, shape_colour: str, background_colour: str, side: int, x: int, y: int) -> np.ndarray:
     """The world's image for these attributes: SIZE x SIZE x 3 uint8."""
     image = np.empty((SIZE, SIZE, 3), np.uint8)

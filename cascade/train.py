@@ -2,10 +2,10 @@
 
 Five stages run in order, each training one model while the earlier ones stay frozen: the CLIP text and
 image encoders (contrastive), the MoVQ (reconstruction of unquantized latents), the prior (text -> CLIP
-image embedding, x0 objective), the decoder UNet (epsilon objective on MoVQ latents, conditioned on image
-embeddings) and the inpainting decoder (the decoder with masked-image inputs, fine-tuned). Every step's
-batch and noise come from (seed, stage, step) alone, so a run is deterministic and a resumed run continues
-exactly. `train_all` then writes the demo-prior, demo and demo-inpaint checkpoint folders.
+image embedding, x0 objective), the decoder UNet (v objective on MoVQ latents, conditioned on image
+embeddings or the prior's samples) and the inpainting decoder (the decoder with masked-image inputs,
+fine-tuned). Every step's batch and noise come from (seed, stage, step) alone, so a run is deterministic
+and a resumed run continues exactly. `train_all` then writes the demo-prior, demo and demo-inpaint checkpoint folders.
 
     python -m cascade.train OUT_DIR [--minutes N] [--steps N] [--float16]
 """
@@ -36,9 +36,10 @@ WORDS = ("a", "on", "background", *dw.COLOURS, *dw.SHAPES)
 MAX_LENGTH = 16  # a caption is 7 words, plus the start and end tokens
 DIM = 64  # CLIP embedding width, also the prior's and the decoder's conditioning width
 STAGES = ("clip", "movq", "prior", "decoder", "inpaint")
-# About 50 minutes on 2 CPU cores (torch 2.13): the decoder, at 0.4 s a step, takes most of it.
-STEPS = dict(clip=4000, movq=1200, prior=3000, decoder=4000, inpaint=900)
-BATCH = dict(clip=32, movq=16, prior=32, decoder=16, inpaint=16)
+# About 55 minutes on 2 CPU cores (torch 2.13): the decoder, at 0.37 s a step, takes most of it.
+STEPS = dict(clip=4000, movq=1200, prior=3000, decoder=5000, inpaint=900)
+BATCH = dict(clip=32, movq=16, prior=32, decoder=32, inpaint=16)
+IMAGES = 16384  # the decoders' training set, encoded once
 
 
 def word_tokenizer(folder: Path, words=WORDS):
@@ -226,17 +227,57 @@ def prior_loss(parts: dict, batch: dict, p_uncond: float = 0.1) -> torch.Tensor:
     return F.mse_loss(pred.predicted_image_embedding, x0)
 
 
-def decoder_inputs(parts: dict, batch: dict, p_uncond: float = 0.1) -> tuple:
-    """(MoVQ latents, conditioning) of a batch; the all-zeros image's embedding, the pipelines' negative,
-    stands in for "no condition" at rate p_uncond."""
+@torch.no_grad()
+def guided_samples(parts: dict, seed: int, per_caption: int, chunk: int = 256) -> torch.Tensor:
+    """(per_caption, captions, dim): the prior pipeline's samples, at its defaults, for every caption."""
+    from .pipelines.kandinsky import KandinskyV22PriorPipeline
+
+    prior = KandinskyV22PriorPipeline(**{k[6:]: parts[k] for k in parts if k.startswith("prior_")})
+    prior.set_progress_bar_config(disable=True)
+    captions, g = all_captions() * per_caption, torch.Generator().manual_seed(seed)
+    return torch.cat([prior(captions[i : i + chunk], generator=g).image_embeds
+                      for i in range(0, len(captions), chunk)]).view(per_caption, len(all_captions()), -1)
+
+
+@torch.no_grad()
+def encode_world(parts: dict, seed: int, n: int, per_caption: int | None = None, chunk: int = 256) -> dict:
+    """n world images as the decoders train on them, encoded once (the frozen encoders are a third of a
+    decoder step): MoVQ latents, CLIP image embeddings, attributes, and one of `per_caption` (at most 32)
+    guided samples of the prior for the image's caption, what the pipelines condition the decoder on."""
+    per_caption = per_caption or min(32, math.ceil(n / len(all_captions())))
+    pool, out = guided_samples(parts, seed, per_caption), dict(latents=[], embeds=[], guided=[], attributes=[])
+    for i in range(math.ceil(n / chunk)):
+        batch = world_batch(seed, i, min(chunk, n - i * chunk))
+        out["latents"].append(parts["movq"].encode(batch["pixels"] / 127.5 - 1).latents)
+        out["embeds"].append(image_embeds(parts, batch["pixels"]))
+        rows = torch.randint(0, per_caption, (len(batch["captions"]),), generator=batch["generator"])
+        out["guided"].append(pool[rows, [all_captions().index(c) for c in batch["captions"]]])
+        out["attributes"] += batch["attributes"]
+        log.info("encoded %d of %d images", len(out["attributes"]), n)
+    return {k: v if k == "attributes" else torch.cat(v) for k, v in out.items()}
+
+
+def encoded_batch(world: Callable[[], dict], seed: int, step: int, size: int) -> dict:
+    """Batch `step` drawn from the encoded images `world()`, with a generator for its noise."""
+    rng = np.random.default_rng([seed, step])
+    data = world()
+    rows = rng.choice(len(data["attributes"]), size, replace=False)
+    batch = {k: [v[i] for i in rows] if k == "attributes" else v[rows] for k, v in data.items()}
+    return dict(batch, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
+
+
+def decoder_inputs(parts: dict, batch: dict, p_uncond: float = 0.1, p_guided: float = 0.5) -> tuple:
+    """(MoVQ latents, conditioning) of an encoded batch. The condition is the image's own embedding or, at
+    rate p_guided, the prior's guided sample for its caption: guidance pushes those off the manifold of
+    image embeddings, and a decoder that never saw them draws blurred shapes. The all-zeros image's
+    embedding, the pipelines' negative, stands in for "no condition" at rate p_uncond."""
     from .pipelines.kandinsky import zero_image_embeds
 
-    with torch.no_grad():
-        latents = parts["movq"].encode(batch["pixels"] / 127.5 - 1).latents
-        embeds = image_embeds(parts, batch["pixels"])
-        zero = zero_image_embeds(parts["prior_image_encoder"], 1)  # the pipelines' own, computed once
-    drop = (torch.rand(embeds.shape[0], generator=batch["generator"]) < p_uncond)[:, None]
-    return latents, {"image_embeds": torch.where(drop, zero, embeds)}
+    g, n = batch["generator"], len(batch["attributes"])
+    embeds = torch.where((torch.rand(n, generator=g) < p_guided)[:, None], batch["guided"], batch["embeds"])
+    zero = zero_image_embeds(parts["prior_image_encoder"], 1)  # the pipelines' own, computed once
+    drop = (torch.rand(n, generator=g) < p_uncond)[:, None]
+    return batch["latents"], {"image_embeds": torch.where(drop, zero, embeds)}
 
 
 def velocity_loss(parts: dict, unet, batch: dict, extra=()) -> torch.Tensor:
@@ -257,7 +298,7 @@ def decoder_loss(parts: dict, batch: dict) -> torch.Tensor:
 
 def repaint_masks(batch: dict) -> torch.Tensor:
     """(B, 1, H, W) masks, 1 = repaint: the shape's box grown by 0-4 pixels, or a random rectangle."""
-    g, masks = batch["generator"], torch.zeros(len(batch["captions"]), 1, dw.SIZE, dw.SIZE)
+    g, masks = batch["generator"], torch.zeros(len(batch["attributes"]), 1, dw.SIZE, dw.SIZE)
     for m, a in zip(masks, batch["attributes"]):
         grow, box = torch.randint(0, 5, (1,), generator=g), torch.randint(0, dw.SIZE, (2, 2), generator=g)
         lo, hi = box.min(0).values, box.max(0).values
@@ -309,11 +350,13 @@ class Stage:
     ema: float | None = None  # decay of the weights' moving average that the stage ends with
 
 
-def stages(parts: dict, seed: int = 0, batch_size: int | dict = 16) -> Iterator[Stage]:
-    """The stages in order, each made when reached: the inpainting decoder starts from the trained one."""
+def stages(parts: dict, seed: int = 0, batch_size: int | dict = 16, images: int = IMAGES) -> Iterator[Stage]:
+    """The stages in order, each made when reached: the inpainting decoder starts from the trained one.
+    The decoders share `images` world images, encoded when first needed (a finished stage needs none)."""
     def statistics(fn):  # one fixed large batch, drawn from its own stream
         return lambda: fn(parts, world_batch(seed + 1000 * len(STAGES), 0, 256))
 
+    world = functools.cache(lambda: encode_world(parts, seed + 1000 * (len(STAGES) + 1), images))
     losses = dict(clip=clip_loss, movq=movq_loss, prior=prior_loss, decoder=decoder_loss,
                   inpaint=inpaint_loss)
     options = dict(movq=dict(finish=statistics(standardise_latents)),
@@ -326,7 +369,8 @@ def stages(parts: dict, seed: int = 0, batch_size: int | dict = 16) -> Iterator[
                       movq=parts["movq"], prior=parts["prior_prior"], decoder=parts["unet"],
                       inpaint=parts.get("unet_inpaint"))
         size = batch_size.get(name, 16) if isinstance(batch_size, dict) else batch_size
-        batches = functools.partial(world_batch, seed + 1000 * i, size=size)
+        batches = (functools.partial(encoded_batch, world, seed + 1000 * i, size=size)
+                   if name in ("decoder", "inpaint") else functools.partial(world_batch, seed + 1000 * i, size=size))
         loss = functools.partial(losses[name], parts)
         yield Stage(name, models[name], loss, batches, **options.get(name, {}))
 
@@ -416,12 +460,13 @@ def set_clip_stats(parts: dict, batch: dict):
 
 def train_all(folder, minutes_per_stage: float | dict | None = None, steps: int | dict | None = None,
               seed: int = 0, resume: bool = True, batch_size: int | dict = BATCH, width: int = 32,
-              dtype: torch.dtype = torch.float32) -> Path:
+              dtype: torch.dtype = torch.float32, images: int = IMAGES) -> Path:
     """Train the stages in order and export the demo cascade to `folder` (stage checkpoints go to
-    folder/stages). Budgets are per stage, one number for all or {stage: number}; by default STEPS."""
+    folder/stages). Budgets are per stage, one number for all or {stage: number}; by default STEPS.
+    `images`: how many world images the decoders train on."""
     folder, parts = Path(folder), build(seed, width)
     steps = STEPS if steps is None and minutes_per_stage is None else steps
-    for stage in stages(parts, seed, batch_size):
+    for stage in stages(parts, seed, batch_size, images):
         budgets = (b.get(stage.name) if isinstance(b, dict) else b for b in (steps, minutes_per_stage))
         train(stage, folder / "stages", *budgets, resume)
         freeze(stage.model)

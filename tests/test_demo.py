@@ -2,6 +2,7 @@
 in the CLI as float32, and draws what it is asked (checked by plain image analysis, not its own encoders)."""
 import itertools
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -56,11 +57,9 @@ def test_inpainting_recolours_the_shape():
     sources, targets, masks = [], [], []
     for image, _, a in itertools.islice(dw.world(5), 4):
         colour = next(c for c in dw.NAMES if c not in (a["shape_colour"], a["background_colour"]))
-        mask = torch.zeros(dw.SIZE, dw.SIZE)
-        mask[max(0, a["y"] - 2) : a["y"] + a["side"] + 2, max(0, a["x"] - 2) : a["x"] + a["side"] + 2] = 1
         sources.append(PIL.Image.fromarray(image))
         targets.append(dw.caption({**a, "shape_colour": colour}))
-        masks.append(mask.numpy())
+        masks.append(dw.box(a, grow=2).astype(np.float32))
     pipe = KandinskyV22InpaintCombinedPipeline.from_pretrained("demo")
     images = pipe(targets, sources, masks, height=dw.SIZE, width=dw.SIZE,
                   generator=[torch.Generator().manual_seed(i) for i in range(4)]).images

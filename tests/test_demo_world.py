@@ -102,3 +102,11 @@ def test_checker_inputs_and_failures(samples):
     images, captions, _ = zip(*samples[:200])
     shifted = dw.score(images, captions[1:] + captions[:1])  # every caption belongs to another image
     assert max(shifted.values()) < 0.5 and math.isclose(dw.score(images, captions)["all"], 1.0)
+
+
+def test_box_is_the_shapes_bounding_box_grown_and_clipped():
+    a = dict(shape="circle", side=30, x=0, y=10)
+    inner, grown = dw.box(a), dw.box(a, grow=2)
+    assert inner.sum() == 30 * 30 and grown.sum() == (30 + 2) * (30 + 4)  # no room on the left
+    assert not (dw.mask(a["shape"], a["side"], a["x"], a["y"]) & ~inner).any()
+    assert (grown >= inner).all()

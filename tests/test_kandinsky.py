@@ -251,6 +251,15 @@ def test_inpaint_combined(pipes):
     assert_close(ours.images, ref.images)
 
 
+def test_inpaint_combined_takes_a_batch_of_masks_as_one_tensor(pipes):
+    masks = [mask_picture(), mask_picture(box=(0, 4, 10, 30))]
+    batch = torch.from_numpy(np.stack([np.asarray(m, np.float32) / 255.0 for m in masks]))  # (2, H, W)
+    ours, ref = run_both(pipes["KandinskyV22InpaintCombinedPipeline"], prompt=["a cat", "dog"],
+                         image=[picture(3), picture(4)], mask_image=batch, num_inference_steps=STEPS,
+                         prior_num_inference_steps=STEPS, output_type="np", **SIZE)
+    assert_close(ours.images, ref.images)
+
+
 # ---------------------------------------------------------------------------------------------- callbacks
 
 def halve_at_step_one(pipe, i, t, kwargs):

@@ -38,7 +38,7 @@ def test_every_caption_word_is_one_token(parts):
 def test_stages_run_in_order_and_learn(parts, tmp_path):
     """Few steps each, in order (each stage uses the frozen ones before it); MoVQ and decoder losses fall."""
     names = []
-    for stage in T.stages(parts, seed=0, batch_size=2):
+    for stage in T.stages(parts, seed=0, batch_size=2, images=8):
         names.append(stage.name)
         steps = 20 if stage.name in ("movq", "decoder", "inpaint") else 3  # batches of 2 keep it fast
         stage = fixed(stage) if steps == 20 else stage
@@ -77,6 +77,22 @@ def test_inpainting_masks_cover_what_they_should():
     assert (masks.sum((1, 2, 3)) >= 8 * 8).all()
 
 
+def test_decoders_train_on_encoded_world_images(parts):
+    """Each row of an encoded batch is one world image: its latents and embedding are those of the image its
+    attributes draw, and its guided embedding is one of the prior's samples for the same caption."""
+    world = T.encode_world(parts, seed=5, n=6, per_caption=2)
+    batch = T.encoded_batch(lambda: world, seed=0, step=3, size=4)
+    assert batch["attributes"] == T.encoded_batch(lambda: world, seed=0, step=3, size=4)["attributes"]
+    pixels = torch.stack([torch.from_numpy(dw.draw(**a)) for a in batch["attributes"]]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(batch["latents"], parts["movq"].encode(pixels / 127.5 - 1).latents)
+        torch.testing.assert_close(batch["embeds"], T.image_embeds(parts, pixels.float()))
+    pool = T.guided_samples(parts, seed=5, per_caption=2)
+    for a, guided in zip(batch["attributes"], batch["guided"]):
+        samples = pool[:, T.all_captions().index(dw.caption(a))]
+        assert (samples == guided).all(1).any()
+
+
 def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -104,7 +120,7 @@ def test_train_all_writes_a_pipeline_that_draws(tmp_path):
     from cascade import KandinskyV22InpaintCombinedPipeline
 
     T.train_all(tmp_path, steps=dict(clip=2, movq=1, prior=2, decoder=2, inpaint=2), batch_size=2, width=8,
-                dtype=torch.float16)
+                dtype=torch.float16, images=4)
     run = dict(height=dw.SIZE, width=dw.SIZE, num_inference_steps=2, prior_num_inference_steps=2)
     pipe = KandinskyV22CombinedPipeline.from_pretrained(tmp_path / "demo", torch_dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32 and pipe.prior_text_encoder.dtype == torch.float32

@@ -326,12 +326,16 @@ def keep_mask(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def batched_mask(m: torch.Tensor) -> torch.Tensor:
+    """A mask tensor as (B, 1, H, W): (H, W) is one mask, (1, H, W) one with its channel, (B, H, W) a batch."""
+    m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 and m.shape[0] != 1 else m
+    return m[None] if m.ndim == 3 else m
+
+
 def mask_batch(mask_image, height, width) -> torch.Tensor:
     """PIL / numpy / tensor masks (1 = repaint) -> (B, 1, H, W) binary masks of the pixels to keep."""
     if isinstance(mask_image, torch.Tensor):
-        m = mask_image.float()
-        m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 and m.shape[0] != 1 else m
-        m = m[None] if m.ndim == 3 else m
+        m = batched_mask(mask_image.float())
         if m.min() < 0 or m.max() > 1:
             raise ValueError("mask_image: tensor values must be in [0, 1]")
     else:
@@ -431,6 +435,8 @@ class KandinskyCombinedBase(DiffusionPipeline):
         decoder = self.decoder_pipe
         decoder.callbacks({}, args.get("callback_on_step_end"), args.get("callback_on_step_end_tensor_inputs"))
         embeds, negative = self.prior_pipe(**call_args(KandinskyV22PriorPipeline.__call__, prior_args))
+        if isinstance(args.get("mask_image"), torch.Tensor):  # else spread reads (B, H, W) as one B-channel mask
+            args["mask_image"] = batched_mask(args["mask_image"])
         for name in ("image", "mask_image", "hint"):
             if name in args:
                 args[name] = spread(args[name], embeds.shape[0])
