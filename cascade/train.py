@@ -5,7 +5,8 @@ image encoders (contrastive), the MoVQ (reconstruction of unquantized latents), 
 image embedding, x0 objective), the decoder UNet (v objective on MoVQ latents, conditioned on image
 embeddings or the prior's samples) and the inpainting decoder (the decoder with masked-image inputs,
 fine-tuned). Every step's batch and noise come from (seed, stage, step) alone, so a run is deterministic
-and a resumed run continues exactly. `train_all` then writes the demo-prior, demo and demo-inpaint checkpoint folders.
+and a resumed run continues exactly. `train_all` then writes the demo-prior, demo and demo-inpaint
+checkpoint folders.
 
     python -m cascade.train OUT_DIR [--minutes N] [--steps N] [--float16]
 """
@@ -36,7 +37,7 @@ WORDS = ("a", "on", "background", *dw.COLOURS, *dw.SHAPES)
 MAX_LENGTH = 16  # a caption is 7 words, plus the start and end tokens
 DIM = 64  # CLIP embedding width, also the prior's and the decoder's conditioning width
 STAGES = ("clip", "movq", "prior", "decoder", "inpaint")
-# About 55 minutes on 2 CPU cores (torch 2.13): the decoder, at 0.37 s a step, takes most of it.
+# About 60 minutes on 2 CPU cores (torch 2.13; 59.4 measured): the decoder, at 0.4 s a step, takes most.
 STEPS = dict(clip=4000, movq=1200, prior=3000, decoder=5000, inpaint=900)
 BATCH = dict(clip=32, movq=16, prior=32, decoder=32, inpaint=16)
 IMAGES = 16384  # the decoders' training set, encoded once
@@ -241,17 +242,18 @@ def guided_samples(parts: dict, seed: int, per_caption: int, chunk: int = 256) -
 
 @torch.no_grad()
 def encode_world(parts: dict, seed: int, n: int, per_caption: int | None = None, chunk: int = 256) -> dict:
-    """n world images as the decoders train on them, encoded once (the frozen encoders are a third of a
+    """n world images as the decoders train on them, encoded once (the frozen encoders are a quarter of a
     decoder step): MoVQ latents, CLIP image embeddings, attributes, and one of `per_caption` (at most 32)
     guided samples of the prior for the image's caption, what the pipelines condition the decoder on."""
-    per_caption = per_caption or min(32, math.ceil(n / len(all_captions())))
+    index = {c: i for i, c in enumerate(all_captions())}
+    per_caption = per_caption or min(32, math.ceil(n / len(index)))
     pool, out = guided_samples(parts, seed, per_caption), dict(latents=[], embeds=[], guided=[], attributes=[])
     for i in range(math.ceil(n / chunk)):
         batch = world_batch(seed, i, min(chunk, n - i * chunk))
         out["latents"].append(parts["movq"].encode(batch["pixels"] / 127.5 - 1).latents)
         out["embeds"].append(image_embeds(parts, batch["pixels"]))
         rows = torch.randint(0, per_caption, (len(batch["captions"]),), generator=batch["generator"])
-        out["guided"].append(pool[rows, [all_captions().index(c) for c in batch["captions"]]])
+        out["guided"].append(pool[rows, [index[c] for c in batch["captions"]]])
         out["attributes"] += batch["attributes"]
         log.info("encoded %d of %d images", len(out["attributes"]), n)
     return {k: v if k == "attributes" else torch.cat(v) for k, v in out.items()}
