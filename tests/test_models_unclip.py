@@ -75,8 +75,8 @@ def test_text_proj_cross_loads(tmp_path):
     assert UnCLIPTextProjModel.from_pretrained(tmp_path / "ref").config == ours.config
 
 
-@pytest.mark.parametrize("change", [dict(add_attention=True), dict(class_embed_type="timestep"),
-                                   dict(down_block_types=["AttnDownBlock2D"] * 3)])
+@pytest.mark.parametrize("change", [dict(class_embed_type="timestep"), dict(time_embedding_type="learned"),
+                                   dict(down_block_types=["SkipDownBlock2D"] * 3)])
 def test_super_res_unet_rejects_options_it_does_not_implement(change):
     with pytest.raises(ValueError, match=next(iter(change))):
         UNet2DModel(**{**TINY_SUPER_RES, **change})

@@ -28,7 +28,7 @@ class UNet2DConfig(Config):
     layers_per_block: int = 2
     mid_block_scale_factor: float = 1
     downsample_padding: int = 1
-    downsample_type: str = "conv"  # only read by block types we do not have
+    downsample_type: str = "conv"  # read by AttnDownBlock2D only (as upsample_type by AttnUpBlock2D)
     upsample_type: str = "conv"
     dropout: float = 0.0
     act_fn: str = "silu"
@@ -42,14 +42,26 @@ class UNet2DConfig(Config):
     num_class_embeds: int | None = None
     num_train_timesteps: int | None = None
 
-    # Karlo's super-resolution UNets: resnet blocks only, a mid block of two resnets.
+    # Karlo's super-resolution UNets (resnet blocks, a mid block of two resnets), the reference's defaults
+    # and its unCLIP test UNets (a mid block with attention).
     choices = {
-        "down_block_types": ("ResnetDownsampleBlock2D",), "up_block_types": ("ResnetUpsampleBlock2D",),
-        "mid_block_type": (None, "UNetMidBlock2D"), "add_attention": (False,), "act_fn": ("silu",),
+        "down_block_types": ("ResnetDownsampleBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("ResnetUpsampleBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+        "mid_block_type": (None, "UNetMidBlock2D"), "add_attention": (False, True), "act_fn": ("silu",),
         "time_embedding_type": ("positional",), "class_embed_type": (None,), "num_class_embeds": (None,),
         "resnet_time_scale_shift": ("default", "scale_shift"), "downsample_type": ("conv", "resnet"),
-        "upsample_type": ("conv", "resnet"),
+        "upsample_type": ("conv", "resnet"), "attn_norm_num_groups": (None,),
     }
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        for key, attn in (("downsample_type", "AttnDownBlock2D"), ("upsample_type", "AttnUpBlock2D")):
+            kinds = self.down_block_types if key == "downsample_type" else self.up_block_types
+            if getattr(self, key) != "conv" and attn in kinds:
+                raise ValueError(f"{source}: {key}={getattr(self, key)!r} with {attn} is not supported")
+        if len({len(self.down_block_types), len(self.block_out_channels), len(self.up_block_types)}) != 1:
+            raise ValueError(f"{source}: down_block_types, up_block_types and block_out_channels must "
+                             f"have one entry per level")
 
     def __getattr__(self, name: str):
         """What the conditional UNet's builder reads and this model lacks: its defaults (no conditioning)."""

@@ -13,12 +13,16 @@ from torch import nn
 from .layers import AdaGroupNorm, Attention, Downsample2D, KResample2D, ResnetBlock2D, Upsample2D
 
 # norm: the resnets' time_embedding_norm, None for the model's own (MoVQ decodes with "spatial" norms under
-# the same type names). attention: None, "self" (autoencoders: one head, residual) or "added_kv" (unCLIP and
-# Kandinsky: the context's keys and values go before the sample's own) or "k" (KAttentionBlock). resampler:
+# the same type names). attention: None, "self" (autoencoders and mid blocks: residual, group-normed beside
+# "default" resnets only), "grouped" (UNet2DModel's attention blocks: "self", always group-normed),
+# "added_kv" (unCLIP and Kandinsky: the context's keys and values go before the sample's own) or "k"
+# (KAttentionBlock). resampler:
 # "conv" (strided conv / nearest + conv), "resnet" (a ResnetBlock2D with down=True / up=True) or "k" (the
 # k-diffusion UNet's filter; these blocks also pass skips in its layout, see DownBlock / k_up_layout).
 DOWN_BLOCKS = {  # type name: (norm, attention, resampler)
     "DownEncoderBlock2D": (None, None, "conv"),
+    "DownBlock2D": (None, None, "conv"),
+    "AttnDownBlock2D": (None, "grouped", "conv"),
     "AttnDownEncoderBlock2D": (None, "self", "conv"),
     "ResnetDownsampleBlock2D": (None, None, "resnet"),
     "SimpleCrossAttnDownBlock2D": (None, "added_kv", "resnet"),
@@ -27,6 +31,8 @@ DOWN_BLOCKS = {  # type name: (norm, attention, resampler)
 }
 UP_BLOCKS = {  # type name: (norm, attention, resampler, concatenates the down path's skip features)
     "UpDecoderBlock2D": (None, None, "conv", False),
+    "UpBlock2D": (None, None, "conv", True),
+    "AttnUpBlock2D": (None, "grouped", "conv", True),
     "AttnUpDecoderBlock2D": (None, "self", "conv", False),
     "ResnetUpsampleBlock2D": (None, None, "resnet", True),
     "SimpleCrossAttnUpBlock2D": (None, "added_kv", "resnet", True),
@@ -96,8 +102,8 @@ def make_attention(kind: str | None, channels: int, o: BlockOptions, self_attent
     head_dim = o.attention_head_dim or channels
     if kind == "k":
         return KAttentionBlock(channels, head_dim, o.cross_attention_dim, o.temb_channels, self_attention)
-    if kind == "self":  # the reference group-normalises here only beside "default" resnets
-        norm = o.time_embedding_norm
+    if kind in ("self", "grouped"):  # the mid block group-normalises only beside "default" resnets
+        norm = "default" if kind == "grouped" else o.time_embedding_norm
         return Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True, eps=o.eps,
                          rescale_output_factor=o.output_scale_factor, residual_connection=True,
                          norm_num_groups=o.groups if norm == "default" else None,
