@@ -1,4 +1,5 @@
 """Schedulers: whole trajectories step by step against the reference, properties, config round trips."""
+import inspect
 import json
 
 import diffusers
@@ -67,8 +68,9 @@ def drive(ref, mine, timesteps, shape=(2, 4, 8, 8), out_channels=None, step_kwar
         close(ref.scale_model_input(x_ref, t), mine.scale_model_input(x_ours, t), atol)
         eps = torch.randn(out_shape, generator=g).to(dtype)
         eps[:, shape[1]:] = eps[:, shape[1]:].abs()  # learned variances are positive
-        a = ref.step(eps, t, x_ref, generator=g_ref, **step_kwargs(i, t))
-        b = mine.step(eps, t, x_ours, generator=g_ours, **step_kwargs(i, t))
+        takes_generator = "generator" in inspect.signature(ref.step).parameters
+        a = ref.step(eps, t, x_ref, **({"generator": g_ref} if takes_generator else {}), **step_kwargs(i, t))
+        b = mine.step(eps, t, x_ours, **({"generator": g_ours} if takes_generator else {}), **step_kwargs(i, t))
         close(a.prev_sample, b.prev_sample, atol)
         if getattr(a, "pred_original_sample", None) is not None:
             close(a.pred_original_sample, b.pred_original_sample, atol)
@@ -150,6 +152,57 @@ def test_euler_trajectory(config, churn):
     close(ref.sigmas, mine.sigmas, atol=0)
     close(torch.as_tensor(ref.init_noise_sigma), torch.as_tensor(mine.init_noise_sigma), atol=0)
     drive(ref, mine, ref.timesteps, step_kwargs=lambda i, t: dict(s_churn=churn))
+
+
+DECODER_V = {**K22_DECODER, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}  # the demo's
+SAMPLER_CONFIGS = [
+    ("DPMSolverMultistepScheduler", K22_DECODER), ("DPMSolverMultistepScheduler", DECODER_V),
+    ("DPMSolverMultistepScheduler", {**K22_DECODER, "use_karras_sigmas": True}),
+    # (Karras sigmas on the cosine schedule repeat timesteps, which the reference's cursor then skips.)
+    ("DPMSolverMultistepScheduler", {**K22_DECODER, "algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                     "prediction_type": "sample", "thresholding": True}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++",
+                                     "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("DPMSolverMultistepScheduler", {**K22_PRIOR, "beta_schedule": "squaredcos_cap_v2"}),
+    ("UniPCMultistepScheduler", K22_DECODER), ("UniPCMultistepScheduler", DECODER_V),
+    ("UniPCMultistepScheduler", {**UPSCALER, "use_karras_sigmas": True}),
+    ("UniPCMultistepScheduler", {**DECODER_V, "solver_type": "bh1", "predict_x0": False, "solver_order": 3,
+                                 "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "disable_corrector": [0, 2], "prediction_type": "sample",
+                                 "timestep_spacing": "trailing"}),
+    ("EulerAncestralDiscreteScheduler", K22_DECODER), ("EulerAncestralDiscreteScheduler", DECODER_V),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("HeunDiscreteScheduler", K22_DECODER), ("HeunDiscreteScheduler", DECODER_V),
+    ("HeunDiscreteScheduler", {**UPSCALER, "use_karras_sigmas": True}),
+    ("HeunDiscreteScheduler", {"clip_sample": True, "timestep_spacing": "leading", "steps_offset": 1}),
+    ("EulerDiscreteScheduler", DECODER_V),
+]
+
+
+@pytest.mark.parametrize("name,config", SAMPLER_CONFIGS)
+@pytest.mark.parametrize("steps", [4, 10, 20])
+def test_sampler_trajectory(name, config, steps):
+    """Every sampler, step by step, against the reference class on the same config, outputs and noise."""
+    ref, mine = pair(name, config)
+    ref.set_timesteps(steps)
+    mine.set_timesteps(steps)
+    torch.testing.assert_close(mine.timesteps.to(ref.timesteps.dtype), ref.timesteps, atol=0, rtol=0)
+    close(ref.sigmas, mine.sigmas)
+    close(torch.as_tensor(ref.init_noise_sigma), torch.as_tensor(mine.init_noise_sigma))
+    drive(ref, mine, ref.timesteps, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_sampler_add_noise_mid_schedule(name):
+    ref, mine = pair(name, K22_DECODER)
+    for s in (ref, mine):
+        s.set_timesteps(10)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = ref.timesteps[4:5].repeat(2)
+    close(ref.add_noise(x, eps, t), mine.add_noise(x, eps, t))
 
 
 @pytest.mark.parametrize("name,config,kwargs", [
@@ -245,7 +298,9 @@ def test_bad_options_are_rejected():
 
 ALL = [("DDPMScheduler", K22_DECODER), ("DDIMScheduler", {"set_alpha_to_one": False}),
        ("UnCLIPScheduler", K22_PRIOR), ("DDPMWuerstchenScheduler", {"scaler": 2.0}),
-       ("EulerDiscreteScheduler", UPSCALER)]
+       ("EulerDiscreteScheduler", UPSCALER), ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+       ("UniPCMultistepScheduler", {"solver_order": 3}), ("EulerAncestralDiscreteScheduler", {}),
+       ("HeunDiscreteScheduler", {})]
 
 
 @pytest.mark.parametrize("name,config", ALL)

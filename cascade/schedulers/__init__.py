@@ -2,12 +2,14 @@
 from .base import Scheduler, SchedulerOutput, randn_tensor
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
-from .euler import EulerDiscreteScheduler
+from .dpm import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from .unclip import UnCLIPScheduler
 from .wuerstchen import DDPMWuerstchenScheduler
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "DDPMWuerstchenScheduler", "EulerDiscreteScheduler", "Scheduler",
-           "SchedulerOutput", "UnCLIPScheduler", "randn_tensor"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DDPMWuerstchenScheduler", "DPMSolverMultistepScheduler",
+           "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "Scheduler",
+           "SchedulerOutput", "UnCLIPScheduler", "UniPCMultistepScheduler", "randn_tensor"]
 
 # The short sampler names people know (AUTOMATIC1111, ComfyUI): the class, and what its config changes.
 SAMPLERS: dict[str, tuple[str, dict]] = {

@@ -44,6 +44,32 @@ class ClipConfig(BetaConfig):
 
 
 @dataclasses.dataclass
+class Plan:
+    """One call's walk over a schedule, made by `Scheduler.plan` and never shared between calls.
+
+    `timesteps[i]` is where the model is evaluated at step i (a second-order sampler evaluates a timestep
+    twice), `levels[i]` is that evaluation's noise level as sigma = sqrt((1 - alpha_bar) / alpha_bar) (what
+    k-diffusion-style model wrappers need), `sigmas` is a sigma sampler's own table (one longer: it ends at
+    the final level), and `memory` holds what a multistep sampler carries from one evaluation to the next.
+    """
+
+    timesteps: torch.Tensor
+    levels: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None
+    num_inference_steps: int | None = None
+    order: int = 1
+    memory: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def start(self, strength: float) -> int:
+        """Image-to-image: the first evaluation when only `strength` of the schedule is re-run."""
+        n = self.num_inference_steps or len(self.timesteps)
+        return max(n - min(int(n * strength), n), 0) * self.order
+
+
+@dataclasses.dataclass
 class SchedulerOutput:
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
@@ -94,6 +120,11 @@ def spaced_timesteps(c, n: int, rounded: bool = True) -> np.ndarray:
     if c.timestep_spacing == "leading":
         return (np.arange(0, n) * (T // n)).round()[::-1].copy() + c.steps_offset
     return np.round(np.arange(T, 0, -T / n)) - 1
+
+
+def table_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """The noise level of every training timestep, as the reference computes it (in float32)."""
+    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -164,8 +195,68 @@ class Scheduler(Configurable):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    # --- the sampling contract: pure functions of (config, tables, the call's Plan); the loop is
+    # cascade.pipelines.sampling.denoise.
+    def plan(self, num_inference_steps: int | None = None, device=None, **kw) -> Plan:
+        raise NotImplementedError
+
+    def scale(self, plan: Plan, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The model's input at evaluation i (sigma samplers keep x at scale sqrt(sigma^2 + 1))."""
+        return x
+
+    def update(self, plan: Plan, out: torch.Tensor, i: int, x: torch.Tensor, generator=None, **opts):
+        """One evaluation's step: (x at the next evaluation, predicted x0 or None)."""
+        raise NotImplementedError
+
+    def noise_to(self, plan: Plan, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x0 noised to the level of evaluation i, as the model expects x there."""
+        return self.add_noise(x0, noise, plan.timesteps[i: i + 1].repeat(x0.shape[0]))
+
+    def levels_for(self, timesteps: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[timesteps.long().cpu()]
+        return ((1 - a) / a) ** 0.5
+
+    # --- the reference's stateful API, for people who drive a scheduler by hand: one Plan kept on the object
+    # and a cursor over it. Pipelines never use it: two calls at once would share the cursor.
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kw):
+        self._plan = self.plan(num_inference_steps, device, **kw)
+        self.timesteps, self.num_inference_steps = self._plan.timesteps, self._plan.num_inference_steps
+        if self._plan.sigmas is not None:
+            self.sigmas = self._plan.sigmas
+        self._cursor = self.begin_index = None
+
+    def set_begin_index(self, begin_index: int = 0):
+        self.begin_index = begin_index
+
+    @property
+    def step_index(self):
+        return getattr(self, "_cursor", None)
+
+    def here(self, timestep) -> int:
+        """The evaluation the stateful API is at: located from `timestep` on the first call (the second match
+        if the schedule repeats it, as img2img enters mid-way), then a cursor."""
+        if getattr(self, "_plan", None) is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        if self.step_index is None:
+            if self.begin_index is not None:
+                self._cursor = self.begin_index
+            else:
+                t = timestep.to(self.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+                hits = (self.timesteps == t).nonzero()
+                self._cursor = len(self.timesteps) - 1 if len(hits) == 0 else hits[min(1, len(hits) - 1)].item()
+        return self._cursor
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        if getattr(self, "_plan", None) is None:
+            return sample
+        return self.scale(self._plan, sample, self.here(timestep))
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, **opts):
+        i = self.here(timestep)
+        prev, x0 = self.update(self._plan, model_output, i, sample, generator, **opts)
+        self._cursor = i + 1
+        return self.output(prev, x0, return_dict)
 
     @staticmethod
     def noise_like(model_output: torch.Tensor, generator) -> torch.Tensor:

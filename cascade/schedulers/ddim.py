@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .base import ClipConfig, Scheduler, spaced_timesteps
+from .base import ClipConfig, Plan, Scheduler, spaced_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,22 +22,31 @@ class DDIMScheduler(Scheduler):
         if not self.config.set_alpha_to_one:
             self.final_alpha_cumprod = self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps: int, device=None):
+    def plan(self, num_inference_steps: int, device=None) -> Plan:
         T = self.config.num_train_timesteps
         if num_inference_steps > T:
             raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than {T}, the "
                              "number of timesteps the model was trained with.")
-        self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        ts = torch.from_numpy(spaced_timesteps(self.config, num_inference_steps).astype(np.int64))
+        return Plan(ts.to(device), self.levels_for(ts), num_inference_steps=num_inference_steps)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise=None,
              return_dict: bool = True):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        prev, x0 = self.transition(model_output, timestep, self.num_inference_steps, sample, eta,
+                                   use_clipped_model_output, generator, variance_noise)
+        return self.output(prev, x0, return_dict)
+
+    def update(self, plan, out, i, x, generator=None, eta: float = 0.0, **_):
+        return self.transition(out[:, : x.shape[1]], plan.timesteps[i], plan.num_inference_steps, x, eta,
+                               False, generator, None)
+
+    def transition(self, model_output, timestep, n, sample, eta, use_clipped_model_output, generator,
+                   variance_noise):
         a_t = self.alpha_bar(timestep)
-        a_prev = self.alpha_bar(timestep - self.config.num_train_timesteps // self.num_inference_steps)
+        a_prev = self.alpha_bar(timestep - self.config.num_train_timesteps // n)
         x0, eps = self.x0_and_eps(model_output, sample, a_t)
         x0 = self.clip(x0)
         # Song et al. (2021) eq. 16: sigma_t = eta * sqrt(beta_tilde_t).
@@ -51,4 +60,4 @@ class DDIMScheduler(Scheduler):
             if variance_noise is None:
                 variance_noise = self.noise_like(model_output, generator)
             prev = prev + std * variance_noise
-        return self.output(prev, x0, return_dict)
+        return prev, x0

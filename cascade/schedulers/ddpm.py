@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .base import ClipConfig, Scheduler, posterior_std, spaced_timesteps
+from .base import ClipConfig, Plan, Scheduler, posterior_std, spaced_timesteps
 
 LEARNED = ("learned", "learned_range")
 
@@ -21,9 +21,8 @@ class DDPMSchedulerConfig(ClipConfig):
 
 class DDPMScheduler(Scheduler):
     config_class = DDPMSchedulerConfig
-    custom_timesteps = False
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
+    def plan(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> Plan:
         T = self.config.num_train_timesteps
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
@@ -35,24 +34,35 @@ class DDPMScheduler(Scheduler):
             if num_inference_steps > T:
                 raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than {T}, "
                                  "the number of timesteps the model was trained with.")
-            self.num_inference_steps = num_inference_steps
             steps = spaced_timesteps(self.config, num_inference_steps).astype(np.int64)
-        self.custom_timesteps = timesteps is not None
-        self.timesteps = torch.from_numpy(steps).to(device)
+        ts = torch.from_numpy(steps)
+        prev = torch.cat([ts[1:], torch.tensor([-1])])
+        return Plan(ts.to(device), self.levels_for(ts), num_inference_steps=num_inference_steps,
+                    memory={"prev": prev})
 
     def previous_timestep(self, timestep):
-        if not (self.custom_timesteps or self.num_inference_steps):
+        plan = getattr(self, "_plan", None)
+        if plan is None:
             return timestep - 1
-        i = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
-        return self.timesteps[i + 1] if i < len(self.timesteps) - 1 else torch.tensor(-1)
+        i = (plan.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+        return plan.memory["prev"][i]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        t, kind = timestep, self.config.variance_type
+        prev, x0 = self.transition(model_output, timestep, self.previous_timestep(timestep), sample, generator)
+        return self.output(prev, x0, return_dict)
+
+    def update(self, plan, out, i, x, generator=None, **_):
+        return self.transition(out, plan.timesteps[i], plan.memory["prev"][i], x, generator)
+
+    def transition(self, model_output, t, t_prev, sample, generator):
+        """The posterior step from t to t_prev."""
+        kind = self.config.variance_type
         predicted = None
         if kind in LEARNED and model_output.shape[1] == 2 * sample.shape[1]:
             model_output, predicted = torch.split(model_output, sample.shape[1], dim=1)
-        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(self.previous_timestep(t))
+        model_output = model_output[:, : sample.shape[1]]
+        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         alpha = a_t / a_prev
         beta = 1 - alpha
         x0 = self.clip(self.x0_and_eps(model_output, sample, a_t)[0])
@@ -62,4 +72,4 @@ class DDPMScheduler(Scheduler):
             noise = self.noise_like(model_output, generator)
             var = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)
             prev = prev + posterior_std(var, beta, kind, predicted) * noise
-        return self.output(prev, x0, return_dict)
+        return prev, x0

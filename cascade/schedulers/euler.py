@@ -1,4 +1,5 @@
-"""Euler sampler over sigma = sqrt((1 - alpha_bar) / alpha_bar): Karras et al. (2022), algorithm 2."""
+"""Samplers over sigma = sqrt((1 - alpha_bar) / alpha_bar), x kept at x0 + sigma * noise: Euler and Heun
+(Karras et al. 2022, algorithms 1 and 2) and Euler ancestral (k-diffusion's `sample_euler_ancestral`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,24 +7,56 @@ import dataclasses
 import numpy as np
 import torch
 
-from .base import BetaConfig, Scheduler, spaced_timesteps
+from ..config import Config
+from .base import BetaConfig, Plan, Scheduler, spaced_timesteps, table_sigmas
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerDiscreteSchedulerConfig(BetaConfig):
-    interpolation_type: str = "linear"
+class SigmaConfig(BetaConfig):
+    timestep_spacing: str = "linspace"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
+
+    choices = {**BetaConfig.choices, "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerDiscreteSchedulerConfig(SigmaConfig):
+    interpolation_type: str = "linear"
     sigma_min: float | None = None
     sigma_max: float | None = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     final_sigmas_type: str = "zero"
 
-    choices = {**BetaConfig.choices, "interpolation_type": ("linear",), "timestep_type": ("discrete",),
-               "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None),
+    choices = {**SigmaConfig.choices, "interpolation_type": ("linear",), "timestep_type": ("discrete",),
                "final_sigmas_type": ("zero",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralDiscreteSchedulerConfig(BetaConfig):
+    timestep_spacing: str = "linspace"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeunDiscreteSchedulerConfig(Config):
+    """The reference's Heun has no zero-SNR rescaling, so it does not share BetaConfig's fields."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    trained_betas: tuple | None = None
+    prediction_type: str = "epsilon"
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    choices = SigmaConfig.choices
 
 
 def karras_sigmas(sigmas: np.ndarray, n: int, sigma_min=None, sigma_max=None, rho: float = 7.0) -> np.ndarray:
@@ -41,88 +74,136 @@ def sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-class EulerDiscreteScheduler(Scheduler):
-    config_class = EulerDiscreteSchedulerConfig
+def x0_of(kind: str, out: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+    """The model's clean-sample estimate at noise level sigma, x at scale sqrt(sigma^2 + 1)."""
+    if kind == "sample":
+        return out
+    if kind == "epsilon":
+        return x - sigma * out
+    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+class SigmaScheduler(Scheduler):
+    """What the sigma samplers share: the sigma table, the schedule, input scaling and noising."""
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
-        if self.config.rescale_betas_zero_snr:
+        if self.config.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # keep sigma finite at the zero-SNR end
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
-        self.sigmas = torch.cat([sigmas, torch.zeros(1)])
+        self.sigmas = torch.cat([torch.from_numpy(table_sigmas(self.alphas_cumprod)).flip(0), torch.zeros(1)])
         T = self.config.num_train_timesteps
         self.timesteps = torch.from_numpy(np.linspace(0, T - 1, T, dtype=float)[::-1].copy()).float()
-        self.step_index = self.begin_index = None
 
     @property
     def init_noise_sigma(self):
         sigma = self.sigmas.max()
         return sigma if self.config.timestep_spacing in ("linspace", "trailing") else (sigma**2 + 1) ** 0.5
 
-    def set_begin_index(self, begin_index: int = 0):
-        self.begin_index = begin_index
-
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        self.num_inference_steps = n = num_inference_steps
+    def schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps, sigmas) of n steps, on Karras et al.'s spacing if asked."""
         t = spaced_timesteps(self.config, n, rounded=False).astype(np.float32)
-        table = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        table = table_sigmas(self.alphas_cumprod)
         sigmas = np.interp(t, np.arange(0, len(table)), table)
-        if self.config.use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas, n, self.config.sigma_min, self.config.sigma_max)
+        if self.config.get("use_karras_sigmas"):
+            sigmas = karras_sigmas(sigmas, n, self.config.get("sigma_min"), self.config.get("sigma_max"))
             t = np.array([sigma_to_t(s, np.log(table)) for s in sigmas])
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(t.astype(np.float32)).to(device)
-        self.step_index = self.begin_index = None
+        return t, sigmas
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        hits = (schedule == timestep).nonzero()
-        # The second hit if there are two, so a schedule entered mid-way (img2img) skips no sigma.
-        return hits[1 if len(hits) > 1 else 0].item()
+    def plan(self, num_inference_steps: int, device=None) -> Plan:
+        t, sigmas = self.schedule(num_inference_steps)
+        sigmas = torch.from_numpy(np.concatenate([sigmas, [0]]).astype(np.float32))
+        return Plan(torch.from_numpy(t.astype(np.float32)).to(device), sigmas[:-1], sigmas,
+                    num_inference_steps=num_inference_steps)
 
-    def current_sigma(self, timestep):
-        """The sigma of this step; the first call locates `timestep` in the schedule (or uses begin_index)."""
-        if self.step_index is None and self.begin_index is not None:
-            self.step_index = self.begin_index
-        elif self.step_index is None:
-            t = timestep.to(self.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
-            self.step_index = self.index_for_timestep(t)
-        return self.sigmas[self.step_index]
+    def scale(self, plan, x, i):
+        return x / ((plan.levels[i] ** 2 + 1) ** 0.5)
 
-    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        return sample / ((self.current_sigma(timestep) ** 2 + 1) ** 0.5)
+    @staticmethod
+    def mix(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x0 + noise * sigma
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
-             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
-             return_dict: bool = True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("EulerDiscreteScheduler.step takes one of `scheduler.timesteps`, not an index.")
-        sigma = self.current_sigma(timestep)
-        sample = sample.to(torch.float32)
-        # Churn: raise the noise level to sigma_hat by adding fresh noise before the Euler step.
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = self.noise_like(model_output, generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-        kind = self.config.prediction_type
-        if kind == "sample":
-            x0 = model_output
-        elif kind == "epsilon":
-            x0 = sample - sigma_hat * model_output
-        else:
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-        prev = sample + (sample - x0) / sigma_hat * (self.sigmas[self.step_index + 1] - sigma_hat)
-        self.step_index += 1
-        return self.output(prev.to(model_output.dtype), x0, return_dict)
+    def noise_to(self, plan, x0, noise, i):
+        return self.mix(x0, noise, plan.levels[i].to(x0.device, x0.dtype))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The stateful API's noising: the level of `timesteps` in the schedule, or of the begin index."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         if self.begin_index is None:
             schedule = self.timesteps.to(original_samples.device)
-            index = [self.index_for_timestep(t, schedule) for t in timesteps.to(original_samples.device)]
+            index = []
+            for t in timesteps.to(original_samples.device):
+                hits = (schedule == t).nonzero()
+                index.append(hits[1 if len(hits) > 1 else 0].item())
         else:
-            start = self.step_index if self.step_index is not None else self.begin_index
-            index = [start] * timesteps.shape[0]
+            index = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
         sigma = sigmas[index].flatten().view(-1, *[1] * (original_samples.ndim - 1))
-        return original_samples + noise * sigma
+        return self.mix(original_samples, noise, sigma)
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        # The Euler samplers' timesteps are floats, so an integer is a loop index passed by mistake.
+        euler = isinstance(self, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler))
+        if euler and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(f"{type(self).__name__}.step takes one of `scheduler.timesteps`, not an index.")
+        return super().step(model_output, timestep, sample, *args, **kwargs)
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
+    config_class = EulerDiscreteSchedulerConfig
+
+    def update(self, plan, out, i, x, generator=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+               s_tmax: float = float("inf"), s_noise: float = 1.0, **_):
+        sigma, sample = plan.sigmas[i], x.to(torch.float32)
+        # Churn: raise the noise level to sigma_hat by adding fresh noise before the Euler step.
+        gamma = min(s_churn / (len(plan.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            noise = self.noise_like(out, generator)
+            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        kind = self.config.prediction_type
+        x0 = x0_of(kind, out, sample, sigma_hat if kind == "epsilon" else sigma)
+        prev = sample + (sample - x0) / sigma_hat * (plan.sigmas[i + 1] - sigma_hat)
+        return prev.to(out.dtype), x0
+
+
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
+    """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion's ancestral step)."""
+
+    config_class = EulerAncestralDiscreteSchedulerConfig
+
+    def update(self, plan, out, i, x, generator=None, **_):
+        sigma, sigma_to, sample = plan.sigmas[i], plan.sigmas[i + 1], x.to(torch.float32)
+        x0 = x0_of(self.config.prediction_type, out, sample, sigma)
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        prev = prev + self.noise_like(out, generator) * sigma_up
+        return prev.to(out.dtype), x0
+
+
+class HeunDiscreteScheduler(SigmaScheduler):
+    """Heun's second-order method: every level but the last is evaluated twice (Karras et al. algorithm 1)."""
+
+    config_class = HeunDiscreteSchedulerConfig
+    order = 2
+
+    def plan(self, num_inference_steps: int, device=None) -> Plan:
+        one = super().plan(num_inference_steps, device)
+        t, s = one.timesteps, one.sigmas
+        sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])
+        return Plan(torch.cat([t[:1], t[1:].repeat_interleave(2)]), sigmas[:-1], sigmas,
+                    num_inference_steps=num_inference_steps, order=2)
+
+    def update(self, plan, out, i, x, generator=None, **_):
+        memory, kind = plan.memory, self.config.prediction_type
+        first = "dt" not in memory
+        sigma, sigma_next = (plan.sigmas[i], plan.sigmas[i + 1]) if first else (plan.sigmas[i - 1], plan.sigmas[i])
+        x0 = x0_of(kind, out, x, sigma if first else sigma_next)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if first:
+            derivative, dt = (x - x0) / sigma, sigma_next - sigma
+            memory.update(derivative=derivative, dt=dt, sample=x)
+        else:
+            derivative = (memory.pop("derivative") + (x - x0) / sigma_next) / 2
+            dt, x = memory.pop("dt"), memory.pop("sample")
+        return x + derivative * dt, x0

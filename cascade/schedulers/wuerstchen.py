@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from ..config import Config
-from .base import Scheduler, randn_tensor
+from .base import Plan, Scheduler, randn_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,20 @@ class DDPMWuerstchenScheduler(Scheduler):
     def alphas_for(self, timesteps, like):
         return self.alpha_bar(timesteps.to(like.device))
 
-    def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None, device=None):
+    def schedule(self, num_inference_steps=None, timesteps=None, device=None) -> torch.Tensor:
         if timesteps is None:
             timesteps = torch.linspace(1.0, 0.0, num_inference_steps + 1, device=device)
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.Tensor(timesteps).to(device)
-        self.timesteps = timesteps
+        return timesteps
+
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None, device=None):
+        self.timesteps = self.schedule(num_inference_steps, timesteps, device)
+
+    def plan(self, num_inference_steps=None, device=None, timesteps=None) -> Plan:
+        # The last timestep (0) is only the target of the final step.
+        ts = self.schedule(num_inference_steps, timesteps, device)
+        return Plan(ts[:-1], num_inference_steps=len(ts) - 1, memory={"prev": ts[1:]})
 
     def previous_timestep(self, t: torch.Tensor) -> torch.Tensor:
         i = (self.timesteps - t[0]).abs().argmin().item()
@@ -45,7 +53,14 @@ class DDPMWuerstchenScheduler(Scheduler):
 
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        t_prev = self.previous_timestep(timestep)
+        prev = self.transition(model_output, timestep, self.previous_timestep(timestep), sample, generator)
+        return self.output(prev, None, return_dict)
+
+    def update(self, plan, out, i, x, generator=None, **_):
+        t, t_prev = (plan.timesteps[i: i + 1].expand(x.shape[0]), plan.memory["prev"][i: i + 1].expand(x.shape[0]))
+        return self.transition(out, t, t_prev, x, generator), None
+
+    def transition(self, model_output, timestep, t_prev, sample, generator):
         shape = (timestep.shape[0], *[1] * (sample.ndim - 1))
         a_t, a_prev = self.alpha_bar(timestep).view(shape), self.alpha_bar(t_prev).view(shape)
         alpha = a_t / a_prev
@@ -53,4 +68,4 @@ class DDPMWuerstchenScheduler(Scheduler):
         noise = randn_tensor(mu.shape, generator, model_output.device, model_output.dtype)
         std = ((1 - alpha) * (1.0 - a_prev) / (1.0 - a_t)).sqrt() * noise
         prev = mu + std * (t_prev != 0).float().view(shape)  # no noise on the step that lands on 0
-        return self.output(prev.to(model_output.dtype), None, return_dict)
+        return prev.to(model_output.dtype)
