@@ -9,11 +9,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .attention_options import AttentionOptions
-from .config import Configurable, read_json, write_json
+from .config import Configurable, inside, read_json, regular_file, write_json
 
 WEIGHTS = "diffusion_pytorch_model"
 BUILTIN = Path(__file__).parent / "weights"  # checkpoints shipped in the package (float16 files)
 DEMO_PARTS = ("demo", "demo-prior", "demo-inpaint")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def builtin(name_or_path, part: str | None = None) -> Path | None:
@@ -59,14 +60,23 @@ def weight_files(folder: Path, variant: str | None = None, stem: str = WEIGHTS) 
     """The files holding a model's weights: one file or the shards an index names; safetensors first."""
     for ext in ("safetensors", "bin"):
         single = folder / with_variant(f"{stem}.{ext}", variant)
-        if single.is_file():
-            return [single]
+        if single.exists():
+            return [checked_weights(single, folder)]
         index = folder / with_variant(f"{stem}.{ext}.index.json", variant)
-        if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return [folder / s for s in shards]
+        if index.exists():
+            shards = read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(s, str) for s in shards.values()):
+                raise ValueError(f"{index}: expected a weight_map of tensor names to file names")
+            return [checked_weights(folder / s, folder) for s in sorted(set(shards.values()))]
     wanted = with_variant(f"{stem}.safetensors", variant)
     raise FileNotFoundError(f"{folder}: no weights found (looked for {wanted} and .bin, sharded or not)")
+
+
+def checked_weights(path: Path, folder: Path) -> Path:
+    """A weights file (or shard) that stays inside the model folder and is a regular file."""
+    path = inside(path, folder)
+    regular_file(path)
+    return path
 
 
 def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -79,6 +89,9 @@ def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a truncated or foreign file: say which one
             raise ValueError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
+        odd = next((k for k, v in part.items() if not isinstance(v, torch.Tensor)), None)
+        if odd is not None:
+            raise ValueError(f"{f}: {odd!r} is a {type(part[odd]).__name__}, not a tensor")
         state.update(part)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -100,6 +113,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     if wrong:
         k, got, want = wrong[0]
         raise ValueError(f"{source}: {k} has shape {got}, the config asks for {want}")
+    # Integer or double tensors where the model holds float weights would fail (or mix dtypes) deep inside it.
+    odd = [(k, v.dtype, expected[k].dtype) for k, v in state.items() if v.dtype != expected[k].dtype and (
+        v.dtype not in WEIGHT_DTYPES or not expected[k].is_floating_point())]
+    if odd:
+        k, got, want = odd[0]
+        want = "float32, float16 or bfloat16" if want.is_floating_point else want
+        raise ValueError(f"{source}: {k} is {got}, the model needs {want}")
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
