@@ -242,7 +242,7 @@ def openai_request(values: dict, served: dict, current: str, limits: Limits, tas
         value, kind = values.get(name), OPENAI_KINDS.get(name)
         request.fields[key] = seed(name, value) if name == "seed" else openai_size(value) if name == "size" else \
             text(name, value) if kind is None else None if value is None else number(name, value, kind)
-    request.fields["n"] = request.fields["n"] or 1
+    request.fields["n"] = 1 if request.fields["n"] is None else request.fields["n"]
     if task != "text2img":
         openai_images(request, values, model, limits)
     wants(model, request.fields["task"], "image" if task != "text2img" else "model")
