@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default), cuda, cuda:1, mps, ...")
     p.add_argument("--max-images", type=int, default=Limits.images, metavar="N", help="images per request")
     p.add_argument("--max-side", type=int, default=Limits.side, metavar="PX", help="output width or height")
-    return p
+    from .ray_serve import add_arguments as add_ray_arguments
+
+    return add_ray_arguments(p)
 
 
 def check_host(host: str, api_key: str | None) -> None:
@@ -52,7 +54,12 @@ def serve(args) -> int:
     check_host(args.host, args.api_key)
     limits = Limits(images=args.max_images, side=args.max_side)
     print(f"loading {', '.join(args.models)}", file=sys.stderr)
-    app, executor = build(args.models, args.api_key, limits, args.dtype, args.device)
+    if args.ray is not None:  # the same app in front of Ray Serve replicas
+        from .ray_serve import build as build_on_ray
+
+        app, executor = build_on_ray(args, limits)
+    else:
+        app, executor = build(args.models, args.api_key, limits, args.dtype, args.device)
     import uvicorn
 
     print(f"cascade serving {', '.join(executor.served)} on http://{args.host}:{args.port}/", file=sys.stderr)

@@ -157,6 +157,21 @@ class RayExecutor:
             self.on_close()
 
 
+def add_arguments(p):
+    """`cascade serve`'s options for Ray Serve (added to its parser; nothing here imports Ray)."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve from Ray Serve replicas on the cluster at ADDRESS (a local one without it); "
+                   "needs the ray extra")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas, one pipeline each (--ray)")
+    p.add_argument("--min-replicas", type=int, metavar="N", help="autoscale from N replicas (--ray)")
+    p.add_argument("--max-replicas", type=int, metavar="N", help="autoscale up to N replicas (--ray)")
+    p.add_argument("--cpus-per-replica", type=float, default=1, metavar="C",
+                   help="CPUs (and torch threads) per replica (--ray; default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0, metavar="G",
+                   help="GPUs per replica (--ray; default 0; with GPUs the device defaults to cuda)")
+    return p
+
+
 def deployment_options(args) -> dict:
     """Replicas (a fixed number, or autoscaling between --min-replicas and --max-replicas) and each one's
     CPUs and GPUs, checked before anything starts."""
