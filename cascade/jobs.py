@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .recipe import (A1111_SAMPLERS, DEMO_DEFAULTS, IMAGE_SUFFIXES, OPTIONS, TASKS, Cancelled, Recipe,
-                     RecipeError, check_folder, open_image, parameters, parse_parameters, parse_size, png_text,
-                     read_png, rebase, write_new)
+                     RecipeError, check_folder, open_image, parameters, parse_parameters, parse_size,
+                     png_text, read_png, rebase, write_new)
 
 __all__ = ["A1111_SAMPLERS", "Cancelled", "Job", "Models", "Recipe", "RecipeError", "Result", "TASKS",
            "check_folder", "locate", "open_image", "parameters", "parse_parameters", "parse_size", "prepare",
@@ -111,7 +111,8 @@ class Models:
                     self.on_load(folder, cls)
                 pipe = load(folder, cls, dtype, where)
                 # The dtype it got serves recipes that name it (a replayed PNG's) as well.
-                self._pipes[key] = self._pipes[key[:2] + (str(pipe.dtype).removeprefix("torch."), where)] = pipe
+                got = key[:2] + (str(pipe.dtype).removeprefix("torch."), where)
+                self._pipes[key] = self._pipes[got] = pipe
             return self._pipes[key]
 
     def __len__(self) -> int:
@@ -178,14 +179,17 @@ def read_item(item: str, root: Path) -> tuple:
 
 def native_size(folder: Path) -> tuple[int, int] | None:
     """(side, unit): the size a Kandinsky decoder was trained at (its UNet's sample size times the MoVQ's
-    downscaling) and the step sizes come in; None for other families."""
+    downscaling) and the step its sizes come in; None for other families."""
     from .config import read_json
 
     unet, movq = folder / "unet" / "config.json", folder / "movq" / "config.json"
     if not (unet.is_file() and movq.is_file()):
         return None
-    sample, f = read_json(unet).get("sample_size"), 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
-    return (sample * f, f * f) if isinstance(sample, int) else None
+    unet = read_json(unet)
+    sample, f = unet.get("sample_size"), 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
+    # Each UNet level halves the latents, which the MoVQ makes f times smaller than the image.
+    unit = f * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    return (sample * f, unit) if isinstance(sample, int) else None
 
 
 def default_size(task: str, folder: Path, inputs: dict) -> tuple[int, int] | None:
@@ -254,13 +258,15 @@ def per_call(pipe, sampler: str | None):
     from .schedulers import scheduler_for
 
     slot = "scheduler" if "scheduler" in pipe.components else "decoder_scheduler"
-    fresh = {n: type(s).from_config(s.config) for n, s in pipe.components.items() if hasattr(s, "set_timesteps")}
+    fresh = {n: type(s).from_config(s.config) for n, s in pipe.components.items()
+             if hasattr(s, "set_timesteps")}
     if sampler is not None:
         fresh[slot] = scheduler_for(sampler, pipe.components[slot].config)
     return type(pipe).from_pipe(pipe, **fresh), sampler or sampler_name(fresh[slot])
 
 
-def prepare(recipe: Recipe, models: Models, root: Path | str | None = None, images: dict | None = None) -> Job:
+def prepare(recipe: Recipe, models: Models, root: Path | str | None = None,
+            images: dict | None = None) -> Job:
     """Everything that can fail before a model runs: inputs read, the model's pipeline found, options checked,
     the pipeline loaded (or taken from `models`) and derived for this call."""
     from .loading import builtin
@@ -328,7 +334,8 @@ class Job:
             raise Cancelled("cancelled before it started")
         start, r = time.perf_counter(), self.recipe
         decoder = min(int(r.steps * r.strength), r.steps) if r.steps and r.strength is not None else r.steps
-        totals = {"prior": r.prior_steps, "decoder": decoder, "super_res": r.super_res_steps, "upscale": r.steps}
+        totals = {"prior": r.prior_steps, "decoder": decoder, "super_res": r.super_res_steps,
+                  "upscale": r.steps}
         kw = {**self.kwargs, "generator": torch.Generator().manual_seed(seed),
               "prior_callback_on_step_end": step_hook("prior", totals, on_step, cancel),
               "callback_on_step_end": step_hook("upscale" if r.task == "upscale" else "decoder", totals,

@@ -102,7 +102,7 @@ def _items(field, value):
         except ValueError:
             ok = False
         if not ok:
-            raise RecipeError(field, f"expected TEXT=WEIGHT or IMAGE=WEIGHT with a finite weight, got {item!r}")
+            raise RecipeError(field, f"expected TEXT=WEIGHT or IMAGE=WEIGHT, a finite weight, got {item!r}")
     return tuple(value)
 
 
@@ -131,7 +131,8 @@ def _scheduler(field, value):
 CHECKS: dict[str, Callable] = {
     "model": _text, "task": _choice(TASKS), "prompt": _text, "negative": _text,
     "seed": lambda f, v: _int(f, v, 0, MAX_SEED), "steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
-    "prior_steps": lambda f, v: _int(f, v, 1, MAX_STEPS), "super_res_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
+    "prior_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
+    "super_res_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
     "guidance": lambda f, v: _float(f, v, 0, 100), "prior_guidance": lambda f, v: _float(f, v, 0, 100),
     "strength": lambda f, v: _float(f, v, 0, 1), "size": _size, "scheduler": _scheduler,
     "deepcache": lambda f, v: _int(f, v, 1, MAX_STEPS), "dtype": _choice(DTYPES), "device": _text,
@@ -175,7 +176,8 @@ class Recipe:
             if value is not None or f.name == "model":
                 object.__setattr__(self, f.name, CHECKS[f.name](f.name, value))
         if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
-            raise RecipeError("seed", f"seed + n - 1 must be at most {MAX_SEED}, got {self.seed} + {self.n} - 1")
+            raise RecipeError("seed", f"seed + n - 1 must be at most {MAX_SEED}, got {self.seed} + {self.n} "
+                                      "- 1")
         self._check_inputs()
 
     def _check_inputs(self):
@@ -287,8 +289,8 @@ def parse_parameters(text: str) -> dict[str, str]:
     prompt, negative = [], []
     for line in lines[:-1]:
         (negative if negative or line.startswith("Negative prompt:") else prompt).append(line)
-    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative).removeprefix("Negative prompt:")
-           .strip()}
+    negative_prompt = "\n".join(negative).removeprefix("Negative prompt:").strip()
+    out = {"prompt": "\n".join(prompt), "negative_prompt": negative_prompt}
     return out | {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
 
 
@@ -381,7 +383,8 @@ def rebase(recipe: Recipe, source: Path | str, target: Path | str) -> Recipe:
         text, _, weight = item.rpartition("=")
         return f"{move(text)}={weight}" if Path(text).suffix.lower() in IMAGE_SUFFIXES else item
 
-    changes = {k: move(v) for k in ("model", "image", "mask", "hint") if (v := getattr(recipe, k)) is not None}
+    changes = {k: move(v) for k in ("model", "image", "mask", "hint")
+               if (v := getattr(recipe, k)) is not None}
     if recipe.item is not None:
         changes["item"] = tuple(map(move_item, recipe.item))
     return recipe.replace(**changes)
