@@ -116,7 +116,7 @@ def dataset(lines: list):
 def run_batch(lines: list, defaults: dict, out: Path, root: Path, args) -> list[dict]:
     """The batch on the cluster `args.ray` names ("" for a local one) with `args.actors` actors of
     `args.cpus_per_actor` CPUs (and torch threads) and `args.gpus_per_actor` GPUs each; the records of
-    `batch.run_line`, in line order, each with the `worker` (pid, start time, model load seconds) that ran it."""
+    `batch.run_line`, in line order, each with the `worker` that ran it (pid, start, model load seconds)."""
     actors, cpus, gpus = check_resources(args)
     ray = require_ray()
     # Ray prints its cluster messages (a retried task, a restarted actor) on stdout, where --json goes.

@@ -111,7 +111,8 @@ def test_resumed_batch_makes_only_the_missing_lines(on_ray, local, jobs, tmp_pat
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     found = batch(capsys, jobs, out, "--ray", "--actors", "1")
     assert (found["done"], found["skipped"], found["failed"], found["images"]) == (3, LINES - 3, 0, 3)
-    assert sorted(Path(p).name for r in found["lines"] if r["status"] == "done" for p in r["paths"]) == missing
+    made = [Path(p).name for r in found["lines"] if r["status"] == "done" for p in r["paths"]]
+    assert sorted(made) == missing
     assert pngs(out) == local
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if p.name in kept} == kept
 
@@ -163,12 +164,13 @@ def test_ray_missing_is_one_line(jobs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["batch", str(jobs), "--out", str(tmp_path), *OPTIONS, "--ray"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["cascade: error: --ray needs Ray (Ray Data, Ray Serve): pip install 'cascade-diffusion[ray]'"]
+    assert err == ["cascade: error: --ray needs Ray (Ray Data, Ray Serve): "
+                   "pip install 'cascade-diffusion[ray]'"]
 
 
 def test_cascade_without_ray_never_imports_it():
-    code = ("import sys, cascade, cascade.cli, cascade.jobs, cascade.batch, cascade.server, cascade.server.app; "
-            "from cascade.server import add_arguments; import argparse; add_arguments(argparse.ArgumentParser()); "
+    code = ("import sys, argparse, cascade, cascade.cli, cascade.jobs, cascade.batch, cascade.server.app; "
+            "from cascade.server import add_arguments; add_arguments(argparse.ArgumentParser()); "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -191,8 +193,8 @@ def test_serve_on_two_replicas_answers_like_the_local_server(cluster):
     bodies = [{"prompt": CAPTIONS[i], "seed": 10 + i, **FAST} for i in range(4)]
     try:
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda b: httpx.post(f"{remote.url}/sdapi/v1/txt2img", json=b, timeout=300),
-                                    bodies))
+            answers = list(pool.map(lambda body: httpx.post(f"{remote.url}/sdapi/v1/txt2img", json=body,
+                                                            timeout=300), bodies))
         bad = httpx.post(f"{remote.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0}, timeout=60)
     finally:
         remote.stop()

@@ -137,7 +137,7 @@ class RayExecutor:
             return self.jobs.get(job_id)
 
     def cancel(self, job_id: str | None = None) -> Job | None:
-        """Cancel a job; None cancels every running job (AUTOMATIC1111's interrupt: stop what is being made)."""
+        """Cancel a job; None cancels every running job (AUTOMATIC1111's interrupt: stop what is running)."""
         with self.lock:
             chosen = [j for j in self.jobs.values() if not j.done] if job_id is None else \
                 [j for j in [self.jobs.get(job_id)] if j is not None]
