@@ -26,6 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return add_ray_arguments(p)
 
 
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `serve` subcommand on the `cascade` command's subparsers (nothing here imports FastAPI)."""
+    text = "serve models over HTTP: a web page, AUTOMATIC1111's and OpenAI's image APIs (the serve extra)"
+    p = add_arguments(sub.add_parser("serve", help=text, description=text))
+    p.set_defaults(run=serve)
+    return p
+
+
 def check_host(host: str, api_key: str | None) -> None:
     from .guard import loopback
 
