@@ -1,27 +1,17 @@
-"""The `cascade` command: every task of the pipelines from a shell; each PNG carries its own recipe."""
+"""The `cascade` command: every task of the pipelines from a shell, on the job layer (cascade/jobs.py); each
+PNG carries its own recipe."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
 import time
-from math import prod
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from . import __version__
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "unclip": "UnCLIPScheduler",
-              "wuerstchen": "DDPMWuerstchenScheduler", "euler": "EulerDiscreteScheduler"}
-# What each family's decoder stage can run with: the loop scales no inputs (Euler needs the upscaler's Karras
-# wrapper) and unCLIP's passes the next timestep.
-FAMILY_SCHEDULERS = {"KandinskyV22": ("ddpm", "ddim"), "Wuerstchen": ("wuerstchen",), "UnCLIP": ("unclip",),
-                     "StableDiffusionLatentUpscale": ("euler",)}
-# subcommand: (task in pipelines/auto.py TASKS, takes a prompt, its inputs, help)
+# subcommand: (task of cascade/jobs.py, takes a prompt, its inputs, help)
 COMMANDS = {
     "generate": ("text2img", True, (), "text to image (Kandinsky 2.2, Würstchen, Karlo)"),
     "img2img": ("img2img", True, ("image", "strength"), "image to image guided by a prompt (Kandinsky 2.2)"),
@@ -32,22 +22,16 @@ COMMANDS = {
     "interpolate": ("interpolate", False, ("item",), "mix weighted prompts and images (Kandinsky 2.2)"),
     "upscale": ("upscale", True, ("image",), "upscale an image 2x in latent space (SD x2 latent upscaler)"),
 }
-# Option -> the pipeline parameters it sets: whichever the model's pipeline takes.
-OPTIONS = {
-    "negative": ("negative_prompt",), "steps": ("num_inference_steps", "decoder_num_inference_steps"),
-    "prior_steps": ("prior_num_inference_steps",), "super_res_steps": ("super_res_num_inference_steps",),
-    "guidance": ("guidance_scale", "decoder_guidance_scale"), "prior_guidance": ("prior_guidance_scale",),
-    "strength": ("strength",), "size": ("height", "width"),
-}
-# What a PNG records besides task and version: enough to make it again (`generate --from`).
-RECIPE = ("model", "prompt", "negative", "seed", "steps", "prior_steps", "super_res_steps", "guidance",
-          "prior_guidance", "strength", "size", "scheduler", "dtype", "device", "image", "mask", "rect",
-          "hint", "item")
-INPUTS = ("image", "mask", "rect", "hint", "item", "strength", "prompt")
+COMMAND_OF = {task: command for command, (task, *_) in COMMANDS.items()}
+# Recipe fields the options set (the rest of Recipe's fields come from the positional arguments).
+FIELDS = ("negative", "seed", "steps", "prior_steps", "super_res_steps", "guidance", "prior_guidance",
+          "strength", "size", "scheduler", "deepcache", "dtype", "device", "image", "mask", "rect", "hint",
+          "item", "n")
+OPTION_NAMES = {"n": "--num-images", "out": "--out", "output": "--output", "jobs": "JOBS", "model": "MODEL"}
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-# --------------------------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------------------------- option types
 
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -55,280 +39,173 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def seed(text: str) -> int:
+    from .recipe import MAX_SEED
+
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}")
+    return int(text)
+
+
 def size(text: str) -> tuple[int, int]:
-    """WxH (or N for NxN) -> (height, width)."""
-    w, _, h = text.lower().partition("x")
-    if not (w.isdigit() and (h or w).isdigit()):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}")
-    return int(h or w), int(w)
-
-
-def open_image(path: str, mode: str = "RGB"):
-    import PIL.Image
+    """WxH (or N for NxN) -> (width, height)."""
+    from .recipe import RecipeError, parse_size
 
     try:
-        with PIL.Image.open(path) as image:
-            return image.convert(mode)
-    except OSError:
-        raise ValueError(f"{path}: {'not an image' if Path(path).is_file() else 'no such file'}") from None
+        return parse_size(text)
+    except RecipeError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
 
 
-def rect_mask(image, rect: str):
-    import numpy as np
-    import PIL.Image
+def sampler(text: str) -> str:
+    from .schedulers import SAMPLERS
 
-    x, y, w, h = (int(v) for v in rect.split(","))
-    if w < 1 or h < 1 or x < 0 or y < 0 or x + w > image.width or y + h > image.height:
-        raise ValueError(f"--rect {rect}: not a rectangle inside the {image.width}x{image.height} image")
-    mask = np.zeros((image.height, image.width), np.uint8)
-    mask[y: y + h, x: x + w] = 255
-    return PIL.Image.fromarray(mask)
+    if text not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}; expected one of {', '.join(SAMPLERS)}")
+    return text
 
 
-def read_item(item: str) -> tuple:
-    """TEXT=WEIGHT or IMAGE=WEIGHT -> (prompt or image, weight, the item as recorded, paths absolute)."""
-    text, sep, weight = item.rpartition("=")
-    if not sep or not text:
-        raise ValueError(f"--item {item!r}: expected TEXT=WEIGHT or IMAGE=WEIGHT")
-    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
-        return text, float(weight), item
-    return open_image(text), float(weight), f"{Path(text).resolve()}={weight}"
+def option_name(field: str) -> str:
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
-def read_inputs(args) -> dict:
-    """The prompt and images a task reads, as the pipeline parameters they fill (a hint at its own size,
-    (1, 3, H, W) in [0, 1]); input paths are recorded absolute."""
-    import numpy as np
-    import torch
+# --------------------------------------------------------------------------------------------- generating
 
-    inputs = {"prompt": args.prompt} if args.prompt is not None else {}
-    for name, key in (("hint", "hint"), ("image", "image"), ("mask", "mask_image")):
-        if getattr(args, name):
-            inputs[key] = open_image(getattr(args, name), "L" if name == "mask" else "RGB")
-            args.input_size = (inputs[key].height, inputs[key].width)
-            setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    if args.mask and inputs["mask_image"].size != inputs["image"].size:
-        raise ValueError("--mask is {}x{}, --image {}x{}: they must be the same size".format(
-            *inputs["mask_image"].size, *inputs["image"].size))
-    if args.rect:
-        inputs["mask_image"] = rect_mask(inputs["image"], args.rect)
-    if args.hint:
-        inputs["hint"] = torch.from_numpy(np.asarray(inputs["hint"], np.float32) / 255).permute(2, 0, 1)[None]
-    if args.item:
-        items = zip(*map(read_item, args.item))
-        inputs["images_and_prompts"], inputs["weights"], args.item = map(list, items)
-    return inputs
+def recipe_of(args):
+    """The recipe the options of a generating subcommand say; paths as typed (relative to here)."""
+    from .jobs import Recipe
 
-
-# --------------------------------------------------------------------------------------------- pipelines
-
-def locate(model: str, patterns=None) -> Path:
-    """MODEL as a folder, or a Hub repo id downloaded (what a load reads, or only `patterns`)."""
-    from .loading import builtin
-    from .pipelines.core import download, resolve
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if (own := builtin(model)) is not None:
-        return own
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
-        raise FileNotFoundError(f"{model}: no such folder (and not a Hub repo id, owner/name)")
-    return download(model) if patterns is None else resolve(model, None, patterns)
-
-
-def native_size(folder: Path) -> tuple[int, int] | None:
-    """The size a Kandinsky decoder was trained at: its UNet's sample size times the MoVQ's downscaling."""
-    from .config import read_json
-
-    unet, movq = folder / "unet" / "config.json", folder / "movq" / "config.json"
-    if not (unet.is_file() and movq.is_file()):
-        return None
-    sample = read_json(unet).get("sample_size")
-    if not isinstance(sample, int):
-        return None
-    side = sample * 2 ** (len(read_json(movq)["block_out_channels"]) - 1)
-    return side, side
-
-
-def defaults(fn) -> dict:
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
-
-
-def call_kwargs(args, cls, base) -> dict:
-    """The parameters the options set, pipeline defaults filled in so the recipe is explicit. An option the
-    model's pipelines do not take is an error, not silently dropped; the size defaults to the input's."""
-    known = {**defaults(base.__call__), **defaults(cls.__call__)}
-    kw = {}
-    for option, names in OPTIONS.items():
-        taken, value = [n for n in names if n in known], getattr(args, option)
-        if value is not None and not taken:
-            raise ValueError(f"--{option.replace('_', '-')}: {base.__name__} has no such setting")
-        value = getattr(args, "input_size", None) if option == "size" and value is None and taken else value
-        values = value if option == "size" and value else [value] * len(taken)
-        kw.update({n: known[n] if v is None else v for n, v in zip(taken, values)})
-    return kw
-
-
-def load(args, folder: Path, cls):
-    """The pipeline in --dtype on --device with --scheduler; records what it got."""
-    import torch
-    from transformers.utils import logging
-
-    import cascade
-
-    logging.disable_progress_bar()  # per-file loading bars; stages report through Progress
-    dtype, device = getattr(torch, args.dtype) if args.dtype else None, torch.device(args.device or "cpu")
-    if device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", bool)():
-        raise ValueError(f"--device {args.device}: not available here")
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    slot = "scheduler" if hasattr(pipe, "scheduler") else "decoder_scheduler"
-    old, new = getattr(pipe, slot), SCHEDULERS.get(args.scheduler)
-    if new and type(old).__name__ != new:
-        setattr(pipe, slot, getattr(cascade, new).from_config(old.config))
-    args.scheduler = {v: k for k, v in SCHEDULERS.items()}.get(type(getattr(pipe, slot)).__name__)
-    args.dtype, args.device = str(pipe.dtype).removeprefix("torch."), str(pipe.device)
-    return pipe
+    values = {k: getattr(args, k, None) for k in FIELDS}
+    values["item"] = tuple(values["item"]) if values["item"] else None
+    return Recipe(model=args.model, task=COMMANDS[args.command][0], prompt=getattr(args, "prompt", None),
+                  **{k: v for k, v in values.items() if v is not None})
 
 
 class Progress:
-    """A step counter per stage on stderr, driven by the pipelines' step-end callbacks."""
+    """One bar per stage on stderr (`prior 2/2`, `decoder 10/10`), driven by the job's on_step."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.bar, self.stage = quiet, None, None
 
-    def hook(self, stage: str):
-        def on_step(pipe, i, t, tensors):
-            name = getattr(pipe, "stage", None) or stage  # unCLIP names its own stages
-            if i == 0 or name != self.stage:
-                self.close()
-                self.bar, self.stage = tqdm(desc=name, unit="step", file=sys.stderr, disable=self.quiet), name
-            self.bar.update(1)
+    def __call__(self, stage: str, step: int, total: int):
+        from tqdm.auto import tqdm
 
-        return on_step
+        if self.bar is None or stage != self.stage or step <= self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, disable=self.quiet, leave=True,
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}")
+            self.stage = stage
+        self.bar.total = total
+        self.bar.update(step - self.bar.n)
 
     def close(self):
         self.bar = self.bar.close() if self.bar is not None else None
 
 
-def images_for(pipe, cls, kw: dict) -> list:
-    """One run of the task's pipeline; a decoder first gets its embeddings from the prior (or from the
-    prior's interpolation of weighted prompts and images)."""
-    from .pipelines.core import call_args
-
-    if isinstance(pipe, cls):
-        return pipe(**call_args(pipe.__call__, kw)).images
-    prior = pipe.prior_pipe
-    embed = prior.interpolate if "images_and_prompts" in kw else prior
-    prior_kw = {**kw, **{k[6:]: v for k, v in kw.items() if k.startswith("prior_")}}
-    out = embed(**call_args(embed, {k: v for k, v in prior_kw.items() if v is not None}))
-    decoder = cls.from_pipe(pipe)
-    embeds = {"image_embeds": out.image_embeds, "negative_image_embeds": out.negative_image_embeds}
-    return decoder(**call_args(decoder.__call__, {**kw, **embeds})).images
+def say_to(quiet: bool):
+    return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
 
-# --------------------------------------------------------------------------------------------- outputs
+def loading_note(say):
+    def note(folder, cls):
+        say(f"loading {folder} as {cls.__name__}")
+    return note
 
-def save(image, recipe: dict, args) -> Path:
-    """A PNG whose text chunks hold the recipe; a new name rather than overwriting, unless --overwrite."""
-    from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    for key, value in {"task": args.command, "cascade": __version__, **recipe}.items():
-        if value is not None:
-            info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path, k = Path(args.out, f"{args.command}-{recipe['seed']}.png"), 0
-    while path.exists() and not args.overwrite:
-        k += 1
-        path = Path(args.out, f"{args.command}-{recipe['seed']}-{k}.png")
-    image.save(path, pnginfo=info)
-    return path
+def generate(args) -> int:
+    """Every generating subcommand: the recipe, its job prepared once, then one image per seed."""
+    from .jobs import Models, check_folder, prepare, rebase, write_new
+
+    out = check_folder(Path(args.out))
+    recipe = rebase(recipe_of(args), Path("."), out)  # the PNG records paths relative to its folder
+    say, progress, written = say_to(args.quiet), Progress(args.quiet), []
+    job = prepare(recipe, Models(on_load=loading_note(say)), root=out)
+    for s in job.seeds():
+        result = job.make(s, on_step=progress)
+        progress.close()
+        path = write_new(out, f"{args.command}-{s}", result.png(), overwrite=args.overwrite)
+        w, h = result.image.size
+        say(f"wrote {path} ({w}x{h}, seed {s}, {result.seconds:.1f} s)")
+        written.append({"path": str(path), "width": w, "height": h, **result.recipe.to_dict(),
+                        "task": args.command})
+    print(json.dumps(written, indent=2) if args.json else "\n".join(w["path"] for w in written))
+    return 0
+
+
+def command_line(recipe) -> list[str]:
+    """The command line that makes `recipe`."""
+    command = COMMAND_OF[recipe.task]
+    line = [command, recipe.model] + ([recipe.prompt] if COMMANDS[command][1] else [])
+    for key, value in recipe.to_dict().items():
+        if key in FIELDS:
+            line += [a for v in (value if key == "item" else [value]) for a in (option_name(key), str(v))]
+    return line
 
 
 def replay(argv: list[str]) -> list[str]:
-    """`generate --from IMAGE.png [overrides]` -> the command line that made IMAGE.png, then the overrides."""
+    """`generate --from IMAGE.png [overrides]` -> the command line that made IMAGE.png, then the overrides;
+    the recipe's paths, relative to the PNG's folder, made relative to here."""
+    from .jobs import Recipe, read_png, rebase
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from", dest="source", required=True)
     known, rest = pre.parse_known_args(argv)
-    text = open_image(known.source).info
-    if text.get("task") not in COMMANDS or "model" not in text:
-        raise ValueError(f"{known.source}: holds no cascade recipe")
-    if text["cascade"] != __version__:
-        print(f"note: made by cascade {text['cascade']}, this is {__version__}", file=sys.stderr)
-    line = [text["task"], text["model"]] + ([text["prompt"]] if COMMANDS[text["task"]][1] else [])
-    for key in RECIPE[2:]:
-        values = json.loads(text[key]) if key == "item" and key in text else [text.get(key)]
-        line += [a for v in values if v is not None for a in (f"--{key.replace('_', '-')}", v)]
-    return line + rest
+    made = read_png(known.source).get("cascade")
+    recipe = Recipe.from_png(known.source)
+    if made != __version__:
+        print(f"note: made by cascade {made}, this is {__version__}", file=sys.stderr)
+    return command_line(rebase(recipe, Path(known.source).parent, Path("."))) + rest
 
 
-def run(args) -> int:
-    """Every generating subcommand: read inputs, load, then one pipeline run per image and seed."""
-    import torch
+def demo(args) -> int:
+    """The built-in demo cascade, with the file rules and the recipe of every command."""
+    from .demo_world import parse
+    from .jobs import Models, Recipe, RecipeError, check_folder, prepare, write_new
 
-    from .config import read_json
-    from .pipelines.auto import pipeline_class
-
-    task = COMMANDS[args.command][0] + ("_img2img" if args.command == "controlnet" and args.image else "")
-    inputs = read_inputs(args)
-    folder = locate(args.model)
-    args.input_size = getattr(args, "input_size", None) or native_size(folder)
-    saved = read_json(folder / "model_index.json")["_class_name"]
-    cls = pipeline_class(saved, task)
-    allowed = next(v for k, v in FAMILY_SCHEDULERS.items() if saved.startswith(k))
-    if args.scheduler not in (None, *allowed):
-        raise ValueError(f"--scheduler {args.scheduler}: {saved} runs with {' or '.join(allowed)}")
-    # A decoder takes embeddings: load the family's text-to-image pipeline for its prior.
-    decoder = "image_embeds" in inspect.signature(cls.__call__).parameters
-    base = pipeline_class(saved, "text2img") if decoder else cls
-    kw = {**call_kwargs(args, cls, base), **inputs}
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"loading {args.model} as {base.__name__}" + (f" + {cls.__name__}" if cls is not base else ""))
-    pipe = load(args, folder, base)
-    for option, names in OPTIONS.items():  # the recipe holds the values used, defaults included
-        values = [kw[n] for n in names if n in kw]
-        values = ["{1}x{0}".format(*values)] if option == "size" and values else values
-        setattr(args, option, values[0] if values else None)
-    if Path(args.model).expanduser().is_dir():  # folders are recorded absolute, repo ids as they are
-        args.model = str(folder.resolve())
-    args.seed = int.from_bytes(os.urandom(4), "little") if args.seed is None else args.seed
-    progress, written = Progress(args.quiet), []
-    for seed in range(args.seed, args.seed + args.num_images):
-        start = time.perf_counter()
-        kw.update(generator=torch.Generator().manual_seed(seed))
-        kw.update(prior_callback_on_step_end=progress.hook("prior"),
-                  callback_on_step_end=progress.hook("upscale" if task == "upscale" else "decoder"))
-        image = images_for(pipe, cls, kw)[0]
-        progress.close()
-        recipe = {k: getattr(args, k) for k in RECIPE} | {"seed": seed}
-        path = save(image, recipe, args)
-        say(f"wrote {path} ({image.width}x{image.height}, seed {seed}, {time.perf_counter() - start:.1f} s)")
-        written.append({"path": str(path), "width": image.width, "height": image.height, "task": args.command,
-                        **{k: v for k, v in recipe.items() if v is not None}})
-    print(json.dumps(written, indent=2) if args.json else "\n".join(w["path"] for w in written))
+    try:
+        parse(args.prompt)
+    except ValueError:
+        print("note: the demo model knows one world, captions like 'a red circle on a blue background' "
+              "(colours: red green blue yellow cyan magenta white black; circle, square or triangle)",
+              file=sys.stderr)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise RecipeError("output", f"expected a .png file name, got {args.output!r}")
+    folder = check_folder(output.parent, "output")
+    recipe = Recipe(model="demo", prompt=args.prompt, seed=args.seed, steps=args.steps,
+                    prior_steps=args.prior_steps, scheduler=args.scheduler, deepcache=args.deepcache)
+    progress = Progress(args.quiet)
+    result = prepare(recipe, Models(), root=folder).make(args.seed, on_step=progress)
+    progress.close()
+    path = write_new(folder, output.stem, result.png(), overwrite=args.overwrite)
+    print(f"wrote {path} ({result.image.width}x{result.image.height}) in {result.seconds:.1f} s")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- info
 
 def tensors(path: Path) -> list[tuple[str, list]]:
-    """(dtype, shape) of each tensor from a safetensors JSON header (.bin files are not read)."""
+    """(dtype, shape) of each tensor from a safetensors JSON header (.bin files are not read); the header's
+    claimed length is checked against the file's before anything is read."""
     if path.suffix != ".safetensors":
         return []
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        length = int.from_bytes(f.read(8), "little")
+        if length > min(path.stat().st_size - 8, 100 * 2**20):
+            raise ValueError(f"{path}: the header claims {length} bytes, more than the file holds")
+        header = json.loads(f.read(length))
     return [(DTYPES.get(v["dtype"], v["dtype"]), v["shape"]) for k, v in header.items() if k[:2] != "__"]
 
 
 def listing(model: str):
     """(folder with the config files, {file: bytes}, file -> tensors) for a folder or a Hub repo; from the
     Hub only config files download, and the weights' headers are read remotely."""
-    folder = locate(model, ["*.json", "*.txt", "README.md"])
-    if Path(model).expanduser().is_dir() or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-        return folder, files, lambda name: tensors(folder / name)
+    from .jobs import locate
+
+    folder = locate(model, patterns=["*.json", "*.txt", "README.md"])
+    if Path(model).expanduser().is_dir() or folder.is_relative_to(Path(__file__).parent) \
+            or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return folder, on_disk(folder), lambda name: tensors(folder / name)
     from huggingface_hub import HfApi, parse_safetensors_file_metadata as remote
 
     files = {s.rfilename: s.size or 0 for s in HfApi().model_info(model, files_metadata=True).siblings}
@@ -336,9 +213,15 @@ def listing(model: str):
         model, name).tensors.values()] if name.endswith(".safetensors") else []
 
 
+def on_disk(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
 def component(name: str, entry: list, files: dict, header) -> dict:
     """A component's class and, from its weight files (safetensors first, without a variant if there is one),
     its parameter count, dtypes and bytes."""
+    from math import prod
+
     prefix = "" if name == "." else f"{name}/"
     mine, weights = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]], []
     for ext in (".safetensors", ".bin"):
@@ -356,6 +239,31 @@ def human(n, unit="") -> str:
     return "-" if n is None else f"{n / scale[0]:.3g} {scale[1]}{unit}".strip()
 
 
+def parts_of(folder: Path, index: dict) -> list[tuple[str, Path, dict]]:
+    """(name prefix, folder, its index) of a pipeline and of what runs with it: the prior a decoder's model
+    card names when it is a local folder, and the built-in demo's inpainting decoder."""
+    from .config import read_json
+    from .loading import BUILTIN, builtin
+    from .pipelines.core import model_card_prior
+
+    found = [("", folder, index)]
+    prior = model_card_prior(folder)
+    if prior and "prior_prior" not in index and (folder.parent / prior / "model_index.json").is_file():
+        found.append(("prior_", folder.parent / prior, read_json(folder.parent / prior / "model_index.json")))
+    if builtin(folder) is not None and folder.name == "demo":
+        inpaint = BUILTIN / "demo-inpaint"
+        found.append(("inpaint_", inpaint, read_json(inpaint / "model_index.json")))
+    return found
+
+
+def samplers(saved: str | None) -> list[str]:
+    from .pipelines.auto import TASKS, pipeline_class
+    from .schedulers import samplers_for
+
+    family = next((f for f in TASKS if saved and saved.startswith(f)), None)
+    return samplers_for(pipeline_class(saved, next(iter(TASKS[family])))) if family else []
+
+
 def info(args) -> int:
     """What MODEL holds, from model_index.json (or a model's config.json) and its weight files' headers."""
     from .config import read_json
@@ -363,43 +271,29 @@ def info(args) -> int:
     folder, files, header = listing(args.model)
     pipeline = (folder / "model_index.json").is_file()
     index = read_json(folder / ("model_index.json" if pipeline else "config.json"))
-    parts = {k: v for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] and k[0] != "_"} \
-        if pipeline else {".": ["", index.get("_class_name") or ",".join(index.get("architectures", ["?"]))]}
-    rows = [component(k, v, files, header) for k, v in parts.items()]
+    if not isinstance(index, dict):
+        raise ValueError(f"{folder}: its index is not a JSON object")
+    rows = [] if pipeline else [component(".", ["", index.get("_class_name") or ",".join(
+        index.get("architectures", ["?"]))], files, header)]
+    total = sum(files.values())
+    for prefix, where, found in parts_of(folder, index) if pipeline else []:
+        local, read = (files, header) if not prefix else (on_disk(where), lambda n, w=where: tensors(w / n))
+        total += sum(local.values()) if prefix else 0
+        rows += [{**component(k, v, local, read), "name": prefix + k} for k, v in found.items()
+                 if isinstance(v, list) and len(v) == 2 and v[1] and k[0] != "_"]
     found = {"model": args.model, "pipeline": index.get("_class_name"), "components": rows,
-             "parameters": sum(r["parameters"] or 0 for r in rows), "bytes": sum(files.values())}
+             "samplers": samplers(index.get("_class_name")) if pipeline else [],
+             "parameters": sum(r["parameters"] or 0 for r in rows), "bytes": total}
     lines = [f"{args.model}: {found['pipeline']}, {human(found['parameters'])} parameters, "
              f"{human(found['bytes'], 'B')} on disk"]
     lines += [f"  {r['name']:<22} {r['class']:<30} {human(r['parameters']):>7}  {r['dtype'] or '-':<8} "
               f"{human(r['bytes'], 'B'):>8}" for r in rows]
+    lines += [f"  samplers: {', '.join(found['samplers'])}"] if found["samplers"] else []
     print(json.dumps(found, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
 # --------------------------------------------------------------------------------------------- the parser
-
-def demo(args) -> int:
-    """The built-in demo cascade with every default but the size it was trained at."""
-    import torch
-
-    from .demo_world import SIZE, parse
-    from .pipelines.kandinsky import KandinskyV22CombinedPipeline
-
-    try:
-        parse(args.prompt)
-    except ValueError:
-        print("note: the demo model knows one world, captions like 'a red circle on a blue background' "
-              "(colours: red green blue yellow cyan magenta white black; circle, square or triangle)",
-              file=sys.stderr)
-    start = time.perf_counter()
-    pipe = KandinskyV22CombinedPipeline.from_pretrained("demo")
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    image = pipe(args.prompt, height=SIZE, width=SIZE, generator=generator).images[0]
-    image.save(args.output)
-    print(f"wrote {args.output} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s")
-    return 0
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
@@ -414,6 +308,8 @@ ARGUMENTS = {  # subcommand inputs, then the options of every generating subcomm
                               help="control image such as a depth map, at the output size")),
     "item": (["--item"], dict(action="append", required=True, metavar="TEXT=W|IMG=W",
                               help="a prompt or an image file, and its weight; repeat")),
+}
+GENERATION = {
     "negative": (["--negative"], dict(metavar="TEXT", help="negative prompt")),
     "steps": (["--steps"], dict(type=positive_int, metavar="N", help="steps of the decoder (or only) stage")),
     "prior_steps": (["--prior-steps"], dict(type=positive_int, metavar="N", help="steps of the prior")),
@@ -421,11 +317,16 @@ ARGUMENTS = {  # subcommand inputs, then the options of every generating subcomm
                                                     help="steps of the super-resolution stage (Karlo)")),
     "guidance": (["--guidance"], dict(type=float, metavar="S", help="guidance scale of the decoder stage")),
     "prior_guidance": (["--prior-guidance"], dict(type=float, metavar="S", help="guidance scale, prior")),
-    "size": (["--size"], dict(type=size, metavar="WxH", help="default: the input's, else the model's")),
-    "n": (["-n", "--num-images"], dict(type=positive_int, default=1, metavar="N",
+    "size": (["--size"], dict(type=size, metavar="WxH", help="default: the model's (with an input image, at "
+                              "its aspect ratio)")),
+    "n": (["-n", "--num-images"], dict(type=positive_int, default=1, metavar="N", dest="n",
                                        help="how many images; image i uses seed SEED + i")),
-    "seed": (["--seed"], dict(type=int, help="random seed (default: a random one, recorded in the PNG)")),
-    "scheduler": (["--scheduler"], dict(choices=SCHEDULERS, help="decoder stage (Kandinsky: ddpm, ddim)")),
+    "seed": (["--seed"], dict(type=seed, help="random seed (default: a random one, recorded in the PNG)")),
+    "scheduler": (["--scheduler"], dict(type=sampler, metavar="NAME", help="sampler of the decoder stage: "
+                                        "ddpm, ddim, dpm++2m, dpm++2m-karras, dpm++sde, unipc, euler, "
+                                        "euler-a, heun (what a model takes: cascade info MODEL)")),
+    "deepcache": (["--deepcache"], dict(type=positive_int, metavar="N", help="DeepCache: run the whole "
+                                        "decoder UNet every N steps, only its shallow blocks in between")),
     "dtype": (["--dtype"], dict(choices=("float32", "float16", "bfloat16"), help="weights' dtype")),
     "device": (["--device"], dict(help="cpu (default), cuda, cuda:1, mps, ...")),
     "out": (["--out"], dict(default=".", metavar="DIR", help="folder to write to (default: .)")),
@@ -433,22 +334,22 @@ ARGUMENTS = {  # subcommand inputs, then the options of every generating subcomm
     "quiet": (["-q", "--quiet"], dict(action="store_true", help="no progress on stderr")),
     "json": (["--json"], dict(action="store_true", help="print what was written as JSON")),
 }
-GENERATION = list(ARGUMENTS)[5:]
 
 
-def parser() -> argparse.ArgumentParser:
-    top = Parser(prog="cascade", description="Cascaded text-to-image diffusion: Kandinsky 2.2, Würstchen, "
-                 "Karlo (unCLIP) and the SD x2 latent upscaler. MODEL is a local folder, a Hub repo id or "
-                 "demo (the built-in demo model).",
-                 epilog="Each PNG records its parameters: `cascade generate --from IMAGE.png` remakes it.")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add(p, table: dict, names):
+    for name in names:
+        flags, settings = table[name]
+        p.add_argument(*flags, **settings)
+
+
+def generating(sub):
     for name, (_, prompted, inputs, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("model", metavar="MODEL", help="pipeline folder, Hub repo id, or demo")
         if prompted:
             p.add_argument("prompt", help="what to draw")
-        for flags, settings in (ARGUMENTS[i] for i in [*inputs, *GENERATION] if i != "mask"):
-            p.add_argument(*flags, **settings)
+        add(p, ARGUMENTS, [i for i in inputs if i != "mask"])
+        add(p, GENERATION, GENERATION)
         if "mask" in inputs:
             where = p.add_mutually_exclusive_group(required=True)
             where.add_argument("--mask", metavar="IMG", help="white = repaint; the size of --image")
@@ -456,18 +357,51 @@ def parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--from", dest="source", metavar="IMAGE.png", help="remake IMAGE.png from its "
                            "recorded parameters (MODEL, prompt, options); options given here override them")
-        absent = [i for i in INPUTS if i not in inputs and (i != "prompt" or not prompted)]
-        p.set_defaults(run=run, **dict.fromkeys(absent))
+        p.set_defaults(run=generate)
+
+
+def others(sub):
+    from .batch import add_parser
+
     p = sub.add_parser("info", help="what a model folder or repo holds, read without loading weights")
-    p.add_argument("model", metavar="MODEL", help="pipeline or model folder, or Hub repo id")
+    p.add_argument("model", metavar="MODEL", help="pipeline or model folder, Hub repo id, or demo")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=info)
     p = sub.add_parser("demo", help="draw a prompt with the built-in demo model (offline, seconds)")
     p.add_argument("prompt", nargs="?", default="a yellow triangle on a blue background")
-    p.add_argument("--output", default="demo.png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="demo.png", metavar="FILE.png",
+                   help="where to write (a new name if it exists: demo-1.png, ...)")
+    p.add_argument("--seed", type=seed, default=0)
+    add(p, GENERATION, ("steps", "prior_steps", "scheduler", "deepcache", "overwrite", "quiet"))
     p.set_defaults(run=demo)
+    add_parser(sub, lambda p, names: add(p, {**ARGUMENTS, **GENERATION}, names))
+    from .server import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = Parser(prog="cascade", description="Cascaded text-to-image diffusion: Kandinsky 2.2, Würstchen, "
+                 "Karlo (unCLIP) and the SD x2 latent upscaler. MODEL is a local folder, a Hub repo id or "
+                 "demo (the built-in demo model).",
+                 epilog="Each PNG records its parameters: `cascade generate --from IMAGE.png` remakes it.")
+    top.add_argument("--version", action="version", version=f"cascade {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    generating(sub)
+    others(sub)
     return top
+
+
+def message(error: BaseException) -> str:
+    """One line for an error: a recipe field named as its option."""
+    from .recipe import RecipeError
+
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    if isinstance(error, RecipeError):
+        return option_name(error.field) + lines[0][len(error.field):]
+    if isinstance(error, (MemoryError, RecursionError)):
+        return f"{type(error).__name__}: {lines[0]}" if str(error) else type(error).__name__
+    return lines[0]
 
 
 def main(argv=None) -> int:
@@ -477,11 +411,13 @@ def main(argv=None) -> int:
             argv = replay(argv[1:])
         args = parser().parse_args(argv)
         return args.run(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
+    except KeyboardInterrupt:
+        print("cascade: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything a user can cause: one line, never a traceback
         if os.environ.get("CASCADE_TRACEBACK"):
             raise
-        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        print(f"cascade: error: {lines[0]}", file=sys.stderr)
+        print(f"cascade: error: {message(error)}", file=sys.stderr)
         return 1
 
 

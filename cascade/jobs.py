@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .recipe import (A1111_SAMPLERS, DEMO_DEFAULTS, IMAGE_SUFFIXES, OPTIONS, TASKS, Cancelled, Recipe,
-                     RecipeError, check_folder, open_image, parameters, parse_parameters, parse_size,
+                     RecipeError, at, check_folder, open_image, parameters, parse_parameters, parse_size,
                      png_text, read_png, rebase, write_new)
 
 __all__ = ["A1111_SAMPLERS", "Cancelled", "Job", "Models", "Recipe", "RecipeError", "Result", "TASKS",
@@ -58,8 +58,8 @@ def locate(model: str, root: Path | None = None, patterns=None) -> Path:
     from .pipelines.core import download, resolve
 
     path = Path(model).expanduser()
-    if root is not None and not path.is_absolute() and (Path(root) / path).is_dir():
-        return Path(root) / path
+    if root is not None and not path.is_absolute() and at(root, model).is_dir():
+        return at(root, model)
     if path.is_dir():
         return path
     if (own := builtin(model)) is not None:
@@ -143,7 +143,7 @@ def read_inputs(recipe: Recipe, root: Path, given: dict) -> dict:
         if given.get(name) is not None:
             kw[key] = given[name].convert(mode)
         elif getattr(recipe, name) is not None:
-            kw[key] = open_image(root / getattr(recipe, name), mode, name, getattr(recipe, name))
+            kw[key] = open_image(at(root, getattr(recipe, name)), mode, name, getattr(recipe, name))
     if "mask_image" in kw and kw["mask_image"].size != kw["image"].size:
         raise RecipeError("mask", "{}x{}, image {}x{}: they must be the same size".format(
             *kw["mask_image"].size, *kw["image"].size))
@@ -174,7 +174,7 @@ def read_item(item: str, root: Path) -> tuple:
     text, _, weight = item.rpartition("=")
     if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
         return text, float(weight)
-    return open_image(root / text, "RGB", "item", text), float(weight)
+    return open_image(at(root, text), "RGB", "item", text), float(weight)
 
 
 def native_size(folder: Path) -> tuple[int, int] | None:
@@ -274,10 +274,10 @@ def prepare(recipe: Recipe, models: Models, root: Path | str | None = None,
 
     root = Path(root if root is not None else ".")
     check_device(recipe.device)
+    inputs = read_inputs(recipe, root, images or {})
     folder = locate(recipe.model, root)
     if builtin(folder) is not None:
         recipe = recipe.replace(**{k: v for k, v in DEMO_DEFAULTS.items() if getattr(recipe, k) is None})
-    inputs = read_inputs(recipe, root, images or {})
     saved = pipeline_name(folder)
     cls = pipeline_class(saved, "controlnet_img2img" if recipe.task == "controlnet" and recipe.image
                          else recipe.task)

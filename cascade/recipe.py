@@ -76,6 +76,12 @@ def _text(field, value):
     return value
 
 
+def _name(field, value):
+    if not _text(field, value).strip():
+        raise RecipeError(field, "expected a folder, a Hub repo id or demo, got an empty name")
+    return value
+
+
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     """"WxH" (or "N" for NxN) -> (width, height)."""
     w, _, h = str(text).lower().partition("x")
@@ -129,7 +135,7 @@ def _scheduler(field, value):
 
 # field -> its check (returns the value normalised); None values skip the check.
 CHECKS: dict[str, Callable] = {
-    "model": _text, "task": _choice(TASKS), "prompt": _text, "negative": _text,
+    "model": _name, "task": _choice(TASKS), "prompt": _text, "negative": _text,
     "seed": lambda f, v: _int(f, v, 0, MAX_SEED), "steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
     "prior_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
     "super_res_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
@@ -367,6 +373,11 @@ def check_folder(folder: Path, field: str = "out") -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise RecipeError(field, f"{folder}: cannot write there ({parent} is not a writable folder)")
     return folder
+
+
+def at(root: Path | str, path: str) -> Path:
+    """`path` read from `root`, `..` taken lexically, as `rebase` wrote it (the root may not exist yet)."""
+    return Path(os.path.normpath(Path(root) / path))
 
 
 def rebase(recipe: Recipe, source: Path | str, target: Path | str) -> Recipe:

@@ -11,7 +11,8 @@ import pytest
 
 import cascade
 from cascade import __version__
-from cascade.cli import main, save
+from cascade.cli import main
+from cascade.jobs import write_new
 
 FAST = ["--steps", "1", "--prior-steps", "2", "--seed", "3", "-q"]
 
@@ -47,8 +48,9 @@ def made(kandinsky_root, tmp_path_factory):
 def test_generate_writes_files_and_metadata(made, kandinsky_root):
     assert sorted(p.name for p in made.iterdir()) == ["generate-3.png", "generate-4.png"]
     text = PIL.Image.open(made / "generate-4.png").text
-    assert text["task"] == "generate" and text["cascade"] == __version__
-    assert text["model"] == str((kandinsky_root / "combined_text2img").resolve())
+    assert text["task"] == "text2img" and text["cascade"] == __version__
+    assert text["model"] == str(kandinsky_root / "combined_text2img")  # as given
+    assert text["parameters"].startswith("a cat\nNegative prompt: a dog\nSteps: 1, Sampler: DDIM, CFG scale: 4, ")
     assert (text["prompt"], text["negative"], text["seed"], text["size"]) == ("a cat", "a dog", "4", "32x32")
     # Defaults are recorded as the values used, not left out.
     used = [text[k] for k in ("steps", "prior_steps", "guidance", "prior_guidance")]
@@ -67,30 +69,33 @@ def test_generate_json_and_replay_is_pixel_identical(made, capsys):
 
 
 def test_never_overwrites_unless_asked(tmp_path):
-    args = Namespace(command="generate", out=tmp_path, overwrite=False)
-    image = PIL.Image.new("RGB", (4, 4))
-    names = [save(image, {"seed": 1}, args).name for _ in range(3)]
+    names = [write_new(tmp_path, "generate-1", b"x%d" % i).name for i in range(3)]
     assert names == ["generate-1.png", "generate-1-1.png", "generate-1-2.png"]
-    args.overwrite = True
-    assert save(image, {"seed": 1}, args).name == "generate-1.png"
+    assert write_new(tmp_path, "generate-1", b"new", overwrite=True).name == "generate-1.png"
+    assert [(tmp_path / n).read_bytes() for n in names] == [b"new", b"x1", b"x2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temporary file left
 
 
-def test_img2img_and_inpaint_with_a_mask(kandinsky_root, made, tmp_path, capsys):
+def test_img2img_and_inpaint_with_a_mask(kandinsky_root, made, tmp_path, capsys, monkeypatch):
     image = made / "generate-3.png"
     mask = picture(tmp_path / "mask.png", mode="L")
     code, out, _ = cli(capsys, "img2img", kandinsky_root / "combined_text2img", "a dog", "--image", image,
-                       "--strength", "1", "--out", tmp_path, *FAST)
+                       "--strength", "1", "--size", "32x32", "--out", tmp_path, *FAST)
     assert code == 0 and out.strip() == str(tmp_path / "img2img-3.png")
     text = PIL.Image.open(tmp_path / "img2img-3.png").text
-    assert (text["image"], text["strength"], text["size"]) == (str(image), "1.0", "32x32")  # the input's size
+    assert (text["image"], text["strength"], text["size"]) == (str(image), "1.0", "32x32")  # as given
+    # A relative path is recorded relative to the output folder, where --from looks for it.
+    monkeypatch.chdir(tmp_path)
     code, out, _ = cli(capsys, "inpaint", kandinsky_root / "combined_inpaint", "a dog", "--image", image,
-                       "--mask", mask, "--out", tmp_path, *FAST)
-    assert code == 0 and PIL.Image.open(out.strip()).text["mask"] == str(mask)
+                       "--mask", "mask.png", "--size", "32x32", "--out", "shots", *FAST)
+    assert code == 0 and PIL.Image.open(out.strip()).text["mask"] == "../mask.png"
+    code, again, _ = cli(capsys, "generate", "--from", out.strip(), "--out", "shots", "-q")
+    assert code == 0 and np.array_equal(pixels(again.strip()), pixels(out.strip()))
 
 
 def test_inpaint_rect_replays_with_its_inputs(kandinsky_root, made, tmp_path, capsys):
     code, out, _ = cli(capsys, "inpaint", kandinsky_root / "combined_inpaint", "a dog", "--image",
-                       made / "generate-3.png", "--rect", "4,4,16,8", "--out", tmp_path, *FAST)
+                       made / "generate-3.png", "--rect", "4,4,16,8", "--size", "32x32", "--out", tmp_path, *FAST)
     first = out.strip()
     assert code == 0 and PIL.Image.open(first).text["rect"] == "4,4,16,8"
     code, out, _ = cli(capsys, "generate", "--from", first, "--out", tmp_path, "-q")
@@ -148,7 +153,7 @@ def test_info_reads_headers_only(kandinsky_root, capsys):
     ("bad size", ["generate", "{k}/combined_text2img", "a", "--size", "30x30", *FAST], "multiples of"),
     ("unsupported option", ["generate", "{k}/combined_text2img", "a", "--super-res-steps", "3"], "no such"),
     ("scheduler", ["generate", "{k}/combined_text2img", "a", "--scheduler", "karras"], "invalid choice"),
-    ("wrong scheduler", ["generate", "{k}/combined_text2img", "a", "--scheduler", "euler"], "ddpm or ddim"),
+    ("wrong scheduler", ["generate", "{k}/combined_text2img", "a", "--scheduler", "wuerstchen"], "runs with"),
     ("zero steps", ["generate", "{k}/combined_text2img", "a", "--steps", "0"], "positive integer"),
     ("not a recipe", ["generate", "--from", "{tmp}/a.png"], "no cascade recipe"),
 ])
@@ -253,3 +258,135 @@ def test_info_of_a_hub_repo_reads_headers_remotely(kandinsky_root, monkeypatch, 
     assert code == code_local == 0 and not any("*.safetensors" in p for p in asked[0])
     strip = lambda found: {k: v for k, v in found.items() if k != "model"}  # noqa: E731
     assert strip(json.loads(remote)) == strip(json.loads(local))
+
+
+# --------------------------------------------------------------------------------------------- issue 14: no traceback
+
+def huge_png(path, width, height):
+    """A tiny file whose header claims a huge image."""
+    import io
+    import zlib
+
+    out = io.BytesIO()
+    PIL.Image.new("RGB", (4, 4)).save(out, "png")
+    data = bytearray(out.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def broken_folders(kandinsky_root, tmp):
+    """Model folders a careless or hostile user may hand over."""
+    import torch
+
+    no_class = shutil.copytree(kandinsky_root / "combined_text2img", tmp / "no_class")
+    index = json.loads((no_class / "model_index.json").read_text())
+    (no_class / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "_class_name"}))
+    pickled = shutil.copytree(kandinsky_root / "combined_text2img", tmp / "pickled")
+    for f in (pickled / "prior_text_encoder").glob("*.safetensors"):
+        f.unlink()
+    torch.save({"x": Namespace()}, pickled / "prior_text_encoder" / "pytorch_model.bin")  # refused by weights_only
+    lying = shutil.copytree(kandinsky_root / "combined_text2img", tmp / "lying")
+    with open(next((lying / "unet").glob("*.safetensors")), "r+b") as f:
+        f.write((2**62).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("case,argv,status,words", [
+    ("no _class_name", ["generate", "{tmp}/no_class", "a"], 1, "no _class_name"),
+    ("a refused .bin", ["generate", "{tmp}/pickled", "a", *FAST, "--size", "32x32"], 1, ""),
+    ("a header of 2**62 bytes", ["info", "{tmp}/lying"], 1, "header"),
+    ("a decompression bomb", ["img2img", "{k}/combined_text2img", "a", "--image", "{tmp}/huge.png"], 1,
+     "too many pixels"),
+    ("over the pixel limit", ["img2img", "{k}/combined_text2img", "a", "--image", "{tmp}/big.png"], 1,
+     "megapixel limit"),
+    ("seed 2**70", ["generate", "{k}/combined_text2img", "a", "--seed", str(2**70)], 2, "--seed"),
+    ("seed + n", ["generate", "{k}/combined_text2img", "a", "--seed", str(2**64 - 1), "-n", "2"], 1, "--seed"),
+    ("guidance inf", ["generate", "{k}/combined_text2img", "a", "--guidance", "inf"], 1, "--guidance: expected"),
+    ("strength 2", ["img2img", "{k}/combined_text2img", "a", "--image", "{tmp}/a.png", "--strength", "2"], 1,
+     "--strength"),
+    ("item nan", ["interpolate", "{k}/combined_text2img", "--item", "a red circle=nan"], 1, "--item"),
+    ("out is a file", ["generate", "{k}/combined_text2img", "a", "--out", "{tmp}/a.png"], 1, "not a folder"),
+    ("out dangling", ["generate", "{k}/combined_text2img", "a", "--out", "{tmp}/dangling"], 1, "dangling"),
+    ("from a plain PNG", ["generate", "--from", "{tmp}/a.png"], 1, "holds no cascade recipe"),
+    ("from a missing file", ["generate", "--from", "{tmp}/gone.png"], 1, "no such file"),
+    ("unknown sampler", ["demo", "--scheduler", "karras"], 2, "invalid choice"),
+    ("demo output not png", ["demo", "--output", "{tmp}/x.jpg"], 1, "--output: expected a .png"),
+])
+def test_what_users_cause_is_one_line_never_a_traceback(kandinsky_root, tmp_path, capsys, case, argv, status,
+                                                        words):
+    broken_folders(kandinsky_root, tmp_path)
+    picture(tmp_path / "a.png", 32)
+    huge_png(tmp_path / "huge.png", 60000, 60000)
+    huge_png(tmp_path / "big.png", 9000, 9000)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    out = tmp_path / "out"
+    argv = [a.format(k=kandinsky_root, tmp=tmp_path) for a in argv]
+    argv += [] if "--out" in argv or argv[0] == "info" else ["--out", out] if argv[0] != "demo" else []
+    before = set(tmp_path.rglob("*"))
+    try:
+        code, _, err = cli(capsys, *argv)
+    except SystemExit as exit:  # argparse's errors
+        code, err = exit.code, capsys.readouterr().err
+    assert code == status and words in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and err.startswith("cascade")
+    assert set(tmp_path.rglob("*")) == before  # nothing written, nothing left behind
+    if case in ("out is a file", "seed + n"):
+        assert "loading" not in err  # refused before any model loads
+
+
+def test_ctrl_c_exits_130_with_one_line(kandinsky_root, tmp_path, capsys, monkeypatch):
+    import cascade.jobs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cascade.jobs, "prepare", interrupted)
+    code, _, err = cli(capsys, "generate", kandinsky_root / "combined_text2img", "a", "--out", tmp_path)
+    assert code == 130 and err == "cascade: interrupted\n" and not list(tmp_path.iterdir())
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"cascade {__version__}\n"
+
+
+def test_info_of_the_demo_lists_every_part_and_the_samplers(capsys):
+    from cascade.schedulers import samplers_for
+
+    code, out, _ = cli(capsys, "info", "demo", "--json")
+    found = json.loads(out)
+    parts = {c["name"]: c["class"] for c in found["components"]}
+    assert code == 0 and {"prior_text_encoder": "CLIPTextModelWithProjection", "prior_prior": "PriorTransformer",
+                          "prior_image_encoder": "CLIPVisionModelWithProjection", "unet": "UNet2DConditionModel",
+                          "movq": "VQModel", "inpaint_unet": "UNet2DConditionModel"}.items() <= parts.items()
+    assert found["samplers"] == samplers_for(cascade.KandinskyV22CombinedPipeline) and "ddim" in found["samplers"]
+    counts = {c["name"]: c["parameters"] for c in found["components"]}
+    assert all(counts[n] > 0 for n in ("prior_text_encoder", "prior_prior", "unet", "movq", "inpaint_unet"))
+    assert found["parameters"] == sum(n or 0 for n in counts.values())
+
+
+def test_demo_keeps_the_file_rules_and_writes_a_recipe(tmp_path, capsys):
+    argv = ["demo", "a red circle on a blue background", "--output", tmp_path / "d.png", "--steps", "2",
+            "--prior-steps", "2", "--seed", "5", "-q"]
+    assert cli(capsys, *argv)[0] == 0 and cli(capsys, *argv)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-1.png", "d.png"]  # never overwritten
+    assert np.array_equal(pixels(tmp_path / "d.png"), pixels(tmp_path / "d-1.png"))
+    text = PIL.Image.open(tmp_path / "d.png").text
+    assert (text["model"], text["seed"], text["steps"], text["size"]) == ("demo", "5", "2", "64x64")
+    code, out, _ = cli(capsys, "generate", "--from", tmp_path / "d.png", "--out", tmp_path, "-q")
+    assert code == 0 and np.array_equal(pixels(out.strip()), pixels(tmp_path / "d.png"))
+
+
+def test_scheduler_and_deepcache_are_recorded_and_replayed(tmp_path, capsys):
+    code, out, err = cli(capsys, "generate", "demo", "a red circle on a blue background", "--steps", "3",
+                         "--prior-steps", "2", "--scheduler", "ddim", "--deepcache", "2", "--seed", "1", "--out",
+                         tmp_path)
+    assert code == 0 and "prior 2/2" in err and "decoder 3/3" in err
+    text = PIL.Image.open(out.strip()).text
+    assert (text["scheduler"], text["deepcache"]) == ("ddim", "2") and "Sampler: DDIM" in text["parameters"]
+    code, again, _ = cli(capsys, "generate", "--from", out.strip(), "--out", tmp_path, "-q")
+    assert code == 0 and np.array_equal(pixels(again.strip()), pixels(out.strip()))
+    code, plain, _ = cli(capsys, "generate", "--from", out.strip(), "--out", tmp_path, "-q", "--scheduler", "ddpm")
+    assert code == 0 and PIL.Image.open(plain.strip()).text["scheduler"] == "ddpm"

@@ -32,7 +32,7 @@ def pixels(image):
     ("steps", 10**9), ("prior_steps", -1), ("guidance", math.inf), ("guidance", math.nan), ("strength", 1.5),
     ("size", (0, 64)), ("size", "64by64"), ("size", (100032, 64)), ("scheduler", "karras"), ("task", "paint"),
     ("dtype", "int8"), ("n", 0), ("n", 10**6), ("item", ["a cat"]), ("item", ["a cat=nan"]),
-    ("deepcache", 0), ("model", None), ("prompt", ["a", "b"]),
+    ("deepcache", 0), ("model", None), ("model", " "), ("prompt", ["a", "b"]),
 ])
 def test_a_bad_value_names_its_field(field, value):
     values = {**DEMO, field: value}
