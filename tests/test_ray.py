@@ -177,9 +177,23 @@ def test_cascade_without_ray_never_imports_it():
     assert out.stdout.strip() == "[]"
 
 
+def interrupted(url: str, job_id: str) -> dict:
+    """Once the job's progress moves, AUTOMATIC1111's interrupt; the job as it ended."""
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/api/jobs/{job_id}").json()["step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.post(f"{url}/sdapi/v1/interrupt").status_code == 200
+    while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline, "the interrupted job is still running"
+        time.sleep(0.05)
+    return job
+
+
 def test_serve_on_two_replicas_answers_like_the_local_server(cluster):
-    """Concurrent AUTOMATIC1111 requests through 2 Ray Serve replicas: the local server's images, both
-    replicas used; a bad request still answers 422 naming the field."""
+    """Through 2 Ray Serve replicas: concurrent requests get the local server's images, from both replicas;
+    a running job stops on AUTOMATIC1111's interrupt and the replicas go on; a bad request answers 422."""
     import httpx
     from serving import FAST, Server, start
 
@@ -195,12 +209,19 @@ def test_serve_on_two_replicas_answers_like_the_local_server(cluster):
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda body: httpx.post(f"{remote.url}/sdapi/v1/txt2img", json=body,
                                                             timeout=300), bodies))
+        spread = dict(executor.replicas)
+        long = httpx.post(f"{remote.url}/api/jobs", json={"prompt": CAPTIONS[0], "steps": 500}, timeout=300)
+        assert long.status_code == 202, long.text
+        stopped = interrupted(remote.url, long.json()["id"])
+        again = httpx.post(f"{remote.url}/sdapi/v1/txt2img", json=bodies[0], timeout=300)
         bad = httpx.post(f"{remote.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0}, timeout=60)
     finally:
         remote.stop()
         executor.close()
     assert [a.status_code for a in answers] == [200] * 4
-    assert len(executor.replicas) == 2 and sum(executor.replicas.values()) == 4
+    assert len(spread) == 2 and sum(spread.values()) == 4
+    assert stopped["status"] == "cancelled" and 0 < stopped["step"] < stopped["steps"]
+    assert again.json()["images"] == answers[0].json()["images"]
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "steps"
     local = start()
     try:

@@ -52,20 +52,19 @@ class Painter:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job.listen(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         work = asyncio.ensure_future(asyncio.to_thread(self.engine.run, job))
-        work.add_done_callback(lambda _: events.put_nowait(None))
+        work.add_done_callback(lambda done: events.put_nowait(None))
         sent = 0
         try:
             while (event := await events.get()) is not None:
                 yield {"stage": event["stage"], "step": event["step"], "results": job.results[sent:]}
                 sent = len(job.results)
             await work
-        except asyncio.CancelledError:
-            raise
         except Exception as error:  # a failure inside a model fails this job; the replica goes on
             yield {"error": "failed", "message": f"{type(error).__name__}: {error}",
                    "status": getattr(error, "status", 500)}
         finally:
             job.cancel_event.set()  # a cancelled stream stops the pipeline at its next step
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen: not logged
 
 
 class RayExecutor:
