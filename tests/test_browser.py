@@ -72,7 +72,8 @@ def test_generate_watch_download_and_drop_back(page, tmp_path):
     info.value.save_as(path)
     assert path.name == f"text2img-{seed}.png"
     made = PIL.Image.open(io.BytesIO(path.read_bytes()))
-    assert (made.size, made.text["prompt"], made.text["seed"], made.text["steps"]) == ((64, 64), PROMPT, seed, "60")
+    recorded = (made.size, made.text["prompt"], made.text["seed"], made.text["steps"])
+    assert recorded == ((64, 64), PROMPT, seed, "60")
     # Empty the form, then drop the downloaded PNG on the page: its recipe comes back.
     for field in ("#prompt", "#steps", "#prior_steps"):
         page.fill(field, "")

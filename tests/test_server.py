@@ -55,8 +55,8 @@ def test_open_webui_calls(http):
 
 
 def test_sillytavern_calls(http):
-    """SillyTavern: ping (options), samplers, schedulers, upscalers, VAEs, models, set-model then progress until
-    idle, and txt2img with its whole form, unknown fields included."""
+    """SillyTavern: ping (options), samplers, schedulers, upscalers, VAEs, models, set-model then progress
+    until idle, and txt2img with its whole form, unknown fields included."""
     assert http.get("/sdapi/v1/options").status_code == 200
     samplers = [s["name"] for s in http.get("/sdapi/v1/samplers").json()]
     assert samplers[:2] == ["DDPM", "DDIM"]
@@ -70,7 +70,8 @@ def test_sillytavern_calls(http):
             "steps": 2, "prior_steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "restore_faces": False,
             "enable_hr": False, "hr_upscaler": "Latent", "hr_scale": 2, "denoising_strength": 0.7,
             "hr_second_pass_steps": 0, "seed": 7, "clip_skip": 1, "save_images": False, "send_images": True,
-            "do_not_save_grid": False, "do_not_save_samples": False, "override_settings_restore_afterwards": True,
+            "do_not_save_grid": False, "do_not_save_samples": False,
+            "override_settings_restore_afterwards": True,
             "override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"},
             "url": "http://127.0.0.1:7860", "auth": ""}
     r = http.post("/sdapi/v1/txt2img", json=form)
@@ -105,8 +106,8 @@ def test_interrupt_stops_the_running_job_within_a_step(url, http):
 def test_txt2img_equals_cascade_generate(http, tmp_path):
     from cascade.cli import main
 
-    argv = ["generate", "demo", PROMPT, "--steps", "2", "--prior-steps", "2", "--seed", "11", "--guidance", "3",
-            "--out", str(tmp_path), "-q"]
+    argv = ["generate", "demo", PROMPT, "--steps", "2", "--prior-steps", "2", "--seed", "11",
+            "--guidance", "3", "--out", str(tmp_path), "-q"]
     assert main(argv) == 0
     made = next(tmp_path.glob("*.png"))
     r = txt2img(http, seed=11, cfg_scale=3)
@@ -117,12 +118,13 @@ def test_txt2img_equals_cascade_generate(http, tmp_path):
 def test_png_info_reads_back_what_we_wrote(http):
     image = txt2img(http, seed=5, negative_prompt="a dog").json()["images"][0]
     found = http.post("/sdapi/v1/png-info", json={"image": image}).json()
-    assert found["info"].startswith(f"{PROMPT}\nNegative prompt: a dog\nSteps: 2, Sampler: DDPM, CFG scale: 4")
+    infotext = f"{PROMPT}\nNegative prompt: a dog\nSteps: 2, Sampler: DDPM, CFG scale: 4"
+    assert found["info"].startswith(infotext)
     assert found["items"]["model"] == "demo" and found["items"]["seed"] == "5"
     assert found["parameters"]["Seed"] == "5" and found["parameters"]["negative_prompt"] == "a dog"
     own = http.post("/api/png-info", content=base64.b64decode(image)).json()
-    assert own["recipe"] == {"model": "demo", "task": "text2img", "prompt": PROMPT, "negative": "a dog", "seed": 5,
-                             "steps": 2, "prior_steps": 2, "guidance": 4.0, "prior_guidance": 4.0,
+    assert own["recipe"] == {"model": "demo", "task": "text2img", "prompt": PROMPT, "negative": "a dog",
+                             "seed": 5, "steps": 2, "prior_steps": 2, "guidance": 4.0, "prior_guidance": 4.0,
                              "size": "64x64", "scheduler": "ddpm", "dtype": "float32", "device": "cpu"}
     assert http.post("/api/png-info", content=base64.b64decode(png_b64(picture()))).json()["recipe"] is None
 
@@ -143,22 +145,23 @@ def test_img2img_and_inpainting(http):
     painted = pixels(decode(r.json()["images"][0])).astype(int)
     assert decode(r.json()["images"][0]).text["task"] == "inpaint"
     # Outside the mask the source stays (up to the autoencoder's round trip); inside it is repainted.
-    outside, inside = np.abs(painted - pixels(source))[:8].mean(), np.abs(painted - pixels(source))[24:40].mean()
+    change = np.abs(painted - pixels(source))
+    outside, inside = change[:8].mean(), change[24:40].mean()
     assert inside > outside
 
 
 def test_openai_calls(url, http):
     assert http.get("/v1/models").json()["data"][0] == {"id": "demo", "object": "model", "created": 0,
                                                         "owned_by": "cascade"}
-    r = http.post("/v1/images/generations", json={"model": "dall-e-2", "prompt": PROMPT, "n": 2, "size": "64x64",
-                                                  "seed": 9, "steps": 2, "prior_steps": 2,
-                                                  "negative_prompt": "green"})
+    r = http.post("/v1/images/generations", json={"model": "dall-e-2", "prompt": PROMPT, "n": 2, "seed": 9,
+                                                  "size": "64x64", "negative_prompt": "green", **FAST})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert [decode(d["b64_json"]).text["seed"] for d in data] == ["9", "10"]
     assert decode(data[0]["b64_json"]).text["negative"] == "green"
     linked = http.post("/v1/images/generations", json={"prompt": PROMPT, "response_format": "url", "seed": 9,
-                                                       "negative_prompt": "green", **FAST}).json()["data"][0]["url"]
+                                                       "negative_prompt": "green", **FAST})
+    linked = linked.json()["data"][0]["url"]
     assert linked.startswith(url) and np.array_equal(
         pixels(decode(base64.b64encode(http.get(linked).content))), pixels(decode(data[0]["b64_json"])))
     source = picture(64, seed=4).convert("RGBA")
@@ -173,7 +176,8 @@ def test_openai_calls(url, http):
     files = {"image": ("a.png", base64.b64decode(png_b64(source.convert("RGB"))), "image/png")}
     r = http.post("/v1/images/variations", data={"steps": "2", "prior_steps": "2", "n": "1"}, files=files)
     assert r.status_code == 200, r.text
-    assert decode(r.json()["data"][0]["b64_json"]).text["task"] == "img2img"  # the demo has no unCLIP variation
+    # The demo has no unCLIP variation pipeline: a variation is image to image without a prompt.
+    assert decode(r.json()["data"][0]["b64_json"]).text["task"] == "img2img"
 
 
 def test_own_job_api_streams_progress(http):
@@ -234,5 +238,6 @@ def test_without_the_serve_extra_one_clear_line():
             "sys.exit(main(['demo', '--port', '1']))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == ("cascade serve: error: cascade serve needs FastAPI and uvicorn: "
-                                                   "pip install 'cascade-diffusion[serve]'")
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == "cascade serve: error: cascade serve needs FastAPI and uvicorn: " \
+        "pip install 'cascade-diffusion[serve]'"

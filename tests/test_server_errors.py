@@ -35,13 +35,15 @@ CASES = [  # (name, method, path, request keywords, status, field)
     ("steps over the limit", "POST", "/sdapi/v1/txt2img", {"json": a1111(steps=5000)}, 422, "steps"),
     ("steps fraction", "POST", "/sdapi/v1/txt2img", {"json": a1111(steps=2.5)}, 422, "steps"),
     ("cfg negative", "POST", "/sdapi/v1/txt2img", {"json": a1111(cfg_scale=-1)}, 422, "cfg_scale"),
-    ("prior cfg text", "POST", "/sdapi/v1/txt2img", {"json": a1111(prior_cfg_scale="x")}, 422, "prior_cfg_scale"),
+    ("prior cfg text", "POST", "/sdapi/v1/txt2img", {"json": a1111(prior_cfg_scale="x")}, 422,
+     "prior_cfg_scale"),
     ("seed text", "POST", "/sdapi/v1/txt2img", {"json": a1111(seed="lucky")}, 422, "seed"),
     ("prompt not text", "POST", "/sdapi/v1/txt2img", {"json": a1111(prompt=["a"])}, 422, "prompt"),
     ("width not a multiple", "POST", "/sdapi/v1/txt2img", {"json": a1111(width=72)}, 422, "width"),
     ("width too large", "POST", "/sdapi/v1/txt2img", {"json": a1111(width=100000)}, 422, "width"),
     ("batch too large", "POST", "/sdapi/v1/txt2img", {"json": a1111(batch_size=9)}, 422, "batch_size"),
-    ("unknown sampler", "POST", "/sdapi/v1/txt2img", {"json": a1111(sampler_name="LMS")}, 422, "sampler_name"),
+    ("unknown sampler", "POST", "/sdapi/v1/txt2img", {"json": a1111(sampler_name="LMS")}, 422,
+     "sampler_name"),
     ("model path", "POST", "/sdapi/v1/txt2img",
      {"json": a1111(override_settings={"sd_model_checkpoint": "/etc"})}, 404,
      "override_settings.sd_model_checkpoint"),
@@ -55,8 +57,8 @@ CASES = [  # (name, method, path, request keywords, status, field)
      {"json": img2img(init_images=[base64.b64encode(b"GIF89a....").decode()])}, 422, "init_images"),
     ("strength leaves no step", "POST", "/sdapi/v1/img2img", {"json": img2img(denoising_strength=0.1)}, 422,
      "denoising_strength"),
-    ("mask of another size", "POST", "/sdapi/v1/img2img", {"json": img2img(mask=png_b64(picture(32, mode="L")))},
-     422, "mask"),
+    ("mask of another size", "POST", "/sdapi/v1/img2img",
+     {"json": img2img(mask=png_b64(picture(32, mode="L")))}, 422, "mask"),
     ("decompression bomb", "POST", "/sdapi/v1/img2img", {"json": img2img(init_images=[BOMB])}, 413,
      "init_images"),
     ("header claims 36 Mpx", "POST", "/sdapi/v1/img2img", {"json": img2img(init_images=[LIAR])}, 413,
@@ -65,8 +67,8 @@ CASES = [  # (name, method, path, request keywords, status, field)
     ("png-info without image", "POST", "/sdapi/v1/png-info", {"json": {}}, 422, "image"),
     ("body over the limit", "POST", "/sdapi/v1/txt2img", {"content": b"x" * (33 << 20)}, 413, "body"),
     ("openai no prompt", "POST", "/v1/images/generations", {"json": {"n": 1}}, 422, "prompt"),
-    ("openai format", "POST", "/v1/images/generations", {"json": {"prompt": "a", "response_format": "xml"}}, 422,
-     "response_format"),
+    ("openai format", "POST", "/v1/images/generations", {"json": {"prompt": "a", "response_format": "xml"}},
+     422, "response_format"),
     ("openai size", "POST", "/v1/images/generations", {"json": {"prompt": "a", "size": "big"}}, 422, "size"),
     ("openai n 0", "POST", "/v1/images/generations", {"json": {"prompt": "a", "n": 0}}, 422, "n"),
     ("openai webp", "POST", "/v1/images/generations", {"json": {"prompt": "a", "output_format": "webp"}}, 422,
@@ -117,7 +119,8 @@ def test_api_key():
             assert http.post("/sdapi/v1/txt2img", json=a1111()).status_code == 401
             assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
             basic = base64.b64encode(b"anyone:s3cret").decode()  # what A1111 clients send for "user:KEY"
-            assert http.get("/sdapi/v1/sd-models", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+            basic = {"Authorization": f"Basic {basic}"}
+            assert http.get("/sdapi/v1/sd-models", headers=basic).status_code == 200
             # The page's files hold no data: a browser loads them, then sends the key with each API call.
             assert http.get("/").status_code == 200 and http.get("/static/app.js").status_code == 200
             assert http.get("/api/models").status_code == 401
@@ -143,3 +146,10 @@ def test_serve_refuses_an_open_host_before_loading_anything(capsys):
 
     assert main(["demo", "--host", "0.0.0.0"]) == 1
     assert capsys.readouterr().err.startswith("cascade serve: error: --host 0.0.0.0: serving beyond")
+
+
+def test_cascade_serve_is_a_subcommand(capsys):
+    from cascade.cli import main
+
+    assert main(["serve", "demo", "--host", "0.0.0.0"]) == 1
+    assert "--host 0.0.0.0: serving beyond this machine needs --api-key" in capsys.readouterr().err

@@ -92,7 +92,8 @@ BAD = [  # (request keywords, status)
     (dict(method="POST", url="/sdapi/v1/txt2img", json={"prompt": "a", "steps": 0}), 422),
     (dict(method="POST", url="/sdapi/v1/txt2img", json={"prompt": "a", "sampler_name": "LMS"}), 422),
     (dict(method="POST", url="/sdapi/v1/txt2img", content=b"{not json"), 400),
-    (dict(method="POST", url="/sdapi/v1/txt2img", json={"override_settings": {"sd_model_checkpoint": "/"}}), 404),
+    (dict(method="POST", url="/sdapi/v1/txt2img",
+          json={"override_settings": {"sd_model_checkpoint": "/"}}), 404),
     (dict(method="POST", url="/v1/images/generations", json={"prompt": "a", "size": "72x64"}), 422),
     (dict(method="POST", url="/sdapi/v1/png-info",
           json={"image": base64.b64encode(lying_png()).decode()}), 413),
@@ -150,7 +151,7 @@ def test_eight_clients_forty_requests(server, expected):
     assert httpx.get(f"{url}/sdapi/v1/progress").json()["state"]["job_count"] == 0
     assert process.poll() is None
     good_count = sum(kind == "good" for kind, _ in plan)
-    print(f"\n40 requests ({good_count} images) by 8 clients in {seconds:.1f} s, {good_count / seconds * 60:.0f} "
-          f"images/min; server RSS after the 10th request {after_tenth / 1024:.1f} MiB, after the last "
-          f"{after_last / 1024:.1f} MiB")
+    print(f"\n40 requests ({good_count} images) by 8 clients in {seconds:.1f} s, "
+          f"{good_count / seconds * 60:.0f} images/min; server RSS after the 10th request "
+          f"{after_tenth / 1024:.1f} MiB, after the last {after_last / 1024:.1f} MiB")
     assert after_last <= after_tenth * 1.03 + 8 * 1024, (after_tenth, after_last)

@@ -84,6 +84,23 @@ def text(name, value):
     return value
 
 
+def convert(name, value, kind):
+    """A request's value as the recipe wants it: kind "seed" (-1: random), "size" ("WxH"), int, float, or
+    None for text."""
+    if kind == "seed":
+        return seed(name, value)
+    if kind == "size":
+        return openai_size(value)
+    if value is None or kind is None:
+        return text(name, value)
+    return number(name, value, kind)
+
+
+def translate(values: dict, table: dict, kinds: dict) -> dict:
+    """A request's fields -> recipe fields, through a table of {request name: recipe key}."""
+    return {key: convert(name, values.get(name), kinds.get(name)) for name, key in table.items()}
+
+
 def choose(name, value, served: dict):
     if value not in served:
         raise ApiError(404, name, f"{json.dumps(value)[:60]} is not served here; models: {sorted(served)}")
@@ -108,7 +125,8 @@ def within(recipe: Recipe, model: Served, names: dict, limits: Limits) -> None:
     for key in ("steps", "prior_steps", "super_res_steps", "guidance", "prior_guidance", "strength"):
         value = getattr(recipe, key)
         if value is not None and key not in model.settings:
-            raise invalid(names.get(key, key), f"{model.name} has no such setting; it takes {list(model.settings)}")
+            takes = list(model.settings)
+            raise invalid(names.get(key, key), f"{model.name} has no such setting; it takes {takes}")
         if value is not None and key.endswith("steps") and value > limits.steps:
             raise invalid(names.get(key, key), f"expected an integer from 1 to {limits.steps}, got {value}")
     if recipe.n > limits.images:
@@ -126,7 +144,7 @@ A1111_FIELDS = {"prompt": "prompt", "negative_prompt": "negative", "steps": "ste
                 "prior_steps": "prior_steps", "prior_cfg_scale": "prior_guidance", "seed": "seed",
                 "denoising_strength": "strength"}
 A1111_KINDS = {"steps": int, "prior_steps": int, "cfg_scale": float, "prior_cfg_scale": float,
-               "denoising_strength": float}
+               "denoising_strength": float, "seed": "seed"}
 
 
 def a1111_request(body: dict, served: dict, current: str, limits: Limits, img2img: bool) -> Request:
@@ -136,20 +154,16 @@ def a1111_request(body: dict, served: dict, current: str, limits: Limits, img2im
     if not isinstance(override, dict):
         raise invalid("override_settings", "expected an object")
     checkpoint = override.get("sd_model_checkpoint")
-    model = choose("override_settings.sd_model_checkpoint", checkpoint, served) if checkpoint else served[current]
+    model = choose("override_settings.sd_model_checkpoint", checkpoint, served) if checkpoint else \
+        served[current]
     task = ("inpaint" if body.get("mask") else "img2img") if img2img else "text2img"
     wants(model, task, "mask" if task == "inpaint" else "init_images" if img2img else "model")
-    request = Request(model, {"model": model.name, "task": task},
-                      names={v: k for k, v in A1111_FIELDS.items()})
-    for name, key in A1111_FIELDS.items():
-        value = body.get(name, "" if name == "prompt" else None)
-        if name == "denoising_strength" and (task != "img2img" or "strength" not in model.settings):
-            continue  # every client sends it; here only image to image takes it
-        kind = A1111_KINDS.get(name)
-        request.fields[key] = seed(name, value) if name == "seed" else \
-            text(name, value) if kind is None else None if value is None else number(name, value, kind)
-    request.fields["n"] = number("batch_size", body.get("batch_size") or 1) * number("n_iter", body.get("n_iter")
-                                                                                      or 1)
+    fields = translate({**body, "prompt": body.get("prompt", "")}, A1111_FIELDS, A1111_KINDS)
+    if task != "img2img" or "strength" not in model.settings:
+        fields.pop("strength")  # every client sends it; here only image to image takes it
+    batches = number("n_iter", body.get("n_iter") or 1)
+    fields.update(model=model.name, task=task, n=number("batch_size", body.get("batch_size") or 1) * batches)
+    request = Request(model, fields, names={v: k for k, v in A1111_FIELDS.items()})
     request.names.update(n="batch_size", size="width", image="init_images")
     if body.get("width") or body.get("height"):
         width, height = model.size or (512, 512)
@@ -165,7 +179,8 @@ def a1111_request(body: dict, served: dict, current: str, limits: Limits, img2im
         request.inputs["image"] = open_image(from_base64(images[0], "init_images", limits), "init_images",
                                              limits)
         if task == "inpaint":
-            request.inputs["mask"] = open_image(from_base64(body["mask"], "mask", limits), "mask", limits, "L")
+            mask = from_base64(body["mask"], "mask", limits)
+            request.inputs["mask"] = open_image(mask, "mask", limits, "L")
     return request
 
 
@@ -213,7 +228,7 @@ OPENAI_FIELDS = {"prompt": "prompt", "negative_prompt": "negative", "seed": "see
                  "prior_steps": "prior_steps", "guidance_scale": "guidance",
                  "prior_guidance_scale": "prior_guidance", "strength": "strength", "n": "n", "size": "size"}
 OPENAI_KINDS = {"steps": int, "prior_steps": int, "n": int, "guidance_scale": float,
-                "prior_guidance_scale": float, "strength": float}
+                "prior_guidance_scale": float, "strength": float, "seed": "seed", "size": "size"}
 
 
 def openai_size(value):
@@ -231,18 +246,15 @@ def openai_request(values: dict, served: dict, current: str, limits: Limits, tas
     send by default) means the current model."""
     model = served.get(values.get("model")) or served[current]
     if values.get("response_format") not in (None, "b64_json", "url"):
-        raise invalid("response_format", f"expected b64_json or url, got {json.dumps(values['response_format'])}")
+        given = json.dumps(values["response_format"])[:40]
+        raise invalid("response_format", f"expected b64_json or url, got {given}")
     if values.get("output_format") not in (None, "png"):
         raise invalid("output_format", "only png is made here")
     if task != "variation" and not values.get("prompt"):
         raise invalid("prompt", "expected a non-empty string")
-    request = Request(model, {"model": model.name, "task": task},
-                      names={v: k for k, v in OPENAI_FIELDS.items()})
-    for name, key in OPENAI_FIELDS.items():
-        value, kind = values.get(name), OPENAI_KINDS.get(name)
-        request.fields[key] = seed(name, value) if name == "seed" else openai_size(value) if name == "size" else \
-            text(name, value) if kind is None else None if value is None else number(name, value, kind)
-    request.fields["n"] = 1 if request.fields["n"] is None else request.fields["n"]
+    fields = translate(values, OPENAI_FIELDS, OPENAI_KINDS)
+    fields.update(model=model.name, task=task, n=1 if fields["n"] is None else fields["n"])
+    request = Request(model, fields, names={v: k for k, v in OPENAI_FIELDS.items()})
     if task != "text2img":
         openai_images(request, values, model, limits)
     wants(model, request.fields["task"], "image" if task != "text2img" else "model")

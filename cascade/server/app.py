@@ -86,15 +86,15 @@ def a1111_progress(executor) -> dict:
     job = executor.running
     waiting = executor.waiting()
     if job is None:
-        state = {"skipped": False, "interrupted": False, "job": "", "job_count": waiting, "job_timestamp": "0",
-                 "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        state = {"skipped": False, "interrupted": False, "job": "", "job_count": waiting,
+                 "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
     state = {"skipped": False, "interrupted": job.cancel_event.is_set(), "job": job.id,
              "job_count": waiting + 1, "job_timestamp": time.strftime("%Y%m%d%H%M%S",
                                                                       time.localtime(job.created)),
              "job_no": len(job.results), "sampling_step": job.step, "sampling_steps": job.steps}
-    return {"progress": job.progress(), "eta_relative": job.eta() or 0.0, "state": state, "current_image": None,
-            "textinfo": job.stage or None}
+    return {"progress": job.progress(), "eta_relative": job.eta() or 0.0, "state": state,
+            "current_image": None, "textinfo": job.stage or None}
 
 
 def png_info(raw: bytes, limits: Limits) -> dict:
@@ -141,7 +141,7 @@ def own_routes(app: FastAPI) -> None:
     def find(job_id: str):
         job = executor.job(job_id)
         if job is None:
-            raise ApiError(404, "id", f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
+            raise ApiError(404, "id", f"no job {job_id!r} (finished jobs are kept a while, then forgotten)")
         return job
 
     @app.get("/api/models")
@@ -252,7 +252,7 @@ def a1111_routes(app: FastAPI) -> None:
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
-        body = await json_body(request)  # clients post back the whole dict; only the model means anything here
+        body = await json_body(request)  # clients post back the whole dict; only the model matters here
         if "sd_model_checkpoint" in body:
             app.state.current = api.choose("sd_model_checkpoint", body["sd_model_checkpoint"],
                                            executor.served).name

@@ -68,7 +68,8 @@ class Engine:
         """The recipe field a pipeline's error message starts with ("height and width must be..." -> size),
         else "recipe"."""
         word = message.replace(":", " ").split(" ", 1)[0]
-        return next((k for k, names in OPTIONS.items() if word in names), word if word in CHECKS else "recipe")
+        named = (k for k, names in OPTIONS.items() if word in names)
+        return next(named, word if word in CHECKS else "recipe")
 
     def steps(self, prepared) -> int:
         return steps_per_image(prepared.recipe) * prepared.recipe.n

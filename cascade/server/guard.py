@@ -25,9 +25,8 @@ def loopback(host: str) -> bool:
 
 async def reply(send, error: ApiError, headers=()) -> None:
     body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+    fixed = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": [*fixed, *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -80,7 +79,7 @@ class Guard:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, "body", f"the request body is over {self.limit >> 20} MiB")
+                raise self.too_large()
             return message
 
         return wrapped

@@ -1,5 +1,6 @@
 """Images that arrive in requests, as base64 text or uploaded bytes: size limits are checked on the encoded
-bytes and on the header's width and height before a pixel is decoded, so a decompression bomb costs nothing."""
+bytes and on the header's width and height before a pixel is decoded, so a decompression bomb costs
+nothing."""
 from __future__ import annotations
 
 import base64
