@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..deepcache import DeepCache, slot
 from ..loading import ModelMixin
 from .layers import (GaussianFourierProjection, ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding,
                      ModelOutput, TimestepEmbedding, Timesteps, activation)
@@ -113,6 +114,7 @@ class UNet2DConditionModel(ModelMixin):
     """The decoder UNets of Kandinsky 2.2 (text-to-image, inpainting, depth ControlNet) and unCLIP (Karlo)."""
 
     config_class = UNet2DConditionConfig
+    deepcache: DeepCache | None = None  # step caching, off unless enable_deepcache
 
     def __init__(self, config: UNet2DConditionConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
@@ -216,19 +218,61 @@ class UNet2DConditionModel(ModelMixin):
                                           added_cond_kwargs, timestep_cond)
         mask = mask if context is not None or attention_mask is not None else None
         x = self.conv_in(sample)
-        skips = (x,)
-        for block in self.down_blocks:
-            x, states = block(x, emb, context, mask)
-            skips += states
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, context, mask)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            x, skips = block(x, skips[-n:], emb, context, mask), skips[:-n]
+        settings = self.deepcache  # read once: another thread may switch it during this call
+        cache = slot(self) if settings is not None else None
+        level = len(self.down_blocks) - 1 if cache is None else settings.cache_branch_id
+        x, skips = self.shallow_down(x, level, emb, context, mask)
+        if cache is not None and cache.reuse(x, settings.cache_interval):
+            deep = cache.features
+        else:
+            deep = self.deep(x, level, emb, context, mask)
+            if cache is not None:
+                cache.features = deep
+        x = self.up(deep, skips, self.up_blocks[len(self.up_blocks) - 1 - level:], emb, context, mask)
         if self.conv_norm_out is not None:
             x = self.conv_act(self.conv_norm_out(x))
         x = self.conv_out(x)
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)
+
+    # The UNet in two stages, split at a level: the shallow stage is that level and those above it (down
+    # blocks, then up blocks), the deep stage everything below, down to the mid block and back up. Without
+    # DeepCache the split is at the deepest level, so the deep stage is the mid block alone, run in the
+    # same order as one pass. Skips are consumed from the end, as the up blocks pair them by position.
+    def shallow_down(self, x, level: int, emb, context, mask) -> tuple[torch.Tensor, tuple]:
+        """Down blocks 0 to `level`, the last one stopping before its downsampler; its output and skips."""
+        skips = (x,)
+        for i, block in enumerate(self.down_blocks[:level + 1]):
+            x, states = block(x, emb, context, mask, downsample=i < level)
+            skips += states
+        return x, skips
+
+    def deep(self, x, level: int, emb, context, mask) -> torch.Tensor:
+        """Below `level`: its downsampler, the deeper down blocks, the mid block, the deeper up blocks; the
+        input of the up block at `level` (what DeepCache reuses)."""
+        x, skips = self.down_blocks[level].downsample(x, emb)
+        for block in self.down_blocks[level + 1:]:
+            x, states = block(x, emb, context, mask)
+            skips += states
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, mask)
+        return self.up(x, skips, self.up_blocks[:len(self.up_blocks) - 1 - level], emb, context, mask)
+
+    @staticmethod
+    def up(x, skips: tuple, blocks, emb, context, mask) -> torch.Tensor:
+        for block in blocks:
+            n = len(block.resnets)
+            x, skips = block(x, skips[-n:], emb, context, mask), skips[:-n]
+        return x
+
+    def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0) -> None:
+        """DeepCache (see cascade/deepcache.py): a setting on the model, shared by the pipelines holding it;
+        the cache itself lives in each pipeline call."""
+        settings = DeepCache(cache_interval, cache_branch_id)
+        settings.check(len(self.down_blocks))
+        self.deepcache = settings
+
+    def disable_deepcache(self) -> None:
+        self.deepcache = None
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU (Si et al. 2023) in the first two up blocks that concatenate skip features (stages 1 and 2,

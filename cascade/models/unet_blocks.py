@@ -146,20 +146,28 @@ class DownBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
-        """Returns the output and the features the up path takes as skip connections."""
+                attention_mask: torch.Tensor | None = None, *, downsample: bool = True):
+        """Returns the output and the features the up path takes as skip connections. `downsample=False`
+        stops before the downsampler (see `downsample`): the UNet's shallow stage ends there."""
         x, states = hidden_states, ()
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, encoder_hidden_states, attention_mask, temb)
             states += (x,)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x, temb)
-            states += () if self.k else (x,)
-        elif self.k and self.attentions is not None:  # k-diffusion's deepest level hands no skips up
-            states = (None,) * len(states)
+        if self.downsamplers is None and self.k and self.attentions is not None:
+            states = (None,) * len(states)  # k-diffusion's deepest level hands no skips up
+        if downsample:
+            x, skip = self.downsample(x, temb)
+            states += skip
         return x, states
+
+    def downsample(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """The downsampler's output and the skip it hands up (none in k-diffusion's layout)."""
+        if self.downsamplers is None:
+            return x, ()
+        x = self.downsamplers[0](x, temb)
+        return x, () if self.k else (x,)
 
 
 def k_up_layout(in_channels: int, out_channels: int, n: int, temb_channels: int, attention: str | None):

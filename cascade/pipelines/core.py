@@ -388,6 +388,20 @@ class DiffusionPipeline(OffloadMixin):
     def disable_freeu(self):
         self.for_models("disable_freeu")
 
+    # --- DeepCache step caching (cascade/deepcache.py): a setting on the decoder UNet, the cache per call
+    def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0):
+        """Run the whole decoder UNet every `cache_interval` of its forward calls, in between only its levels
+        0 to `cache_branch_id`, on the deep features of the last full one (arXiv 2312.00858)."""
+        if not self.for_models("enable_deepcache", cache_interval, cache_branch_id):
+            from ..deepcache import SUPPORTED
+
+            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel decoder for DeepCache; it "
+                             f"runs on {SUPPORTED}")
+
+    def disable_deepcache(self):
+        """Back to the plain UNet, bit for bit; a no-op where DeepCache does not apply."""
+        self.for_models("disable_deepcache")
+
 
 def download(path_or_repo, variant=None, **hub) -> Path:
     """A pipeline folder; from the Hub only the files a load reads (safetensors, else .bin; the variant)."""

@@ -8,6 +8,8 @@ from itertools import chain
 import torch
 from torch import nn
 
+from ..deepcache import per_call
+
 
 def to_device(value, device):
     """Tensors inside args/kwargs (lists, tuples, dicts too) moved to `device`."""
@@ -76,8 +78,8 @@ class OffloadMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "__call__" in cls.__dict__:
-            cls.__call__ = released(cls.__dict__["__call__"])
+        if "__call__" in cls.__dict__:  # each call also gets its own DeepCache scope (cascade/deepcache.py)
+            cls.__call__ = released(per_call(cls.__dict__["__call__"]))
 
     def maybe_free_model_hooks(self) -> None:
         """Send the last model of a model-offloaded call back to the CPU, as the reference does after a call."""

@@ -1,0 +1,116 @@
+"""DeepCache's wall-time ratio on a real-size Kandinsky 2.2 decoder UNet (the checkpoint's configuration,
+random weights), decoder only: the plain step against DeepCache at intervals 2, 3 and 5.
+
+The UNet runs as the decoder runs it under guidance: a batch of two (unconditional and conditional
+halves) at the latent size of a `--size` image. Two measurements: the time of one full forward and of one
+cached forward (a shallow-stage-only step), the median of `--repeats` each, from which a `--steps` loop's
+ratio follows (interval N: ceil(steps / N) full forwards, the rest cached); with `--loop`, also whole
+loops timed as such (slower: one plain loop plus one per interval).
+
+    python benchmarks/deepcache.py [--size 512] [--steps 10] [--repeats 2] [--branch 0] [--loop] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+
+def real_size_unet():
+    import torch
+
+    from cascade import UNet2DConditionModel, presets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**presets.KANDINSKY22_UNET)
+    unet = unet.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in unet.modules():  # PyTorch's own initialisation, as a freshly built model has
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return unet.eval()
+
+
+def inputs(unet, size: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    latent = size // 8  # MoVQ's factor
+    x = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
+    embeds = torch.randn(2, unet.config.encoder_hid_dim, generator=g)
+    return x, dict(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": embeds}, return_dict=False)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def forward_times(unet, x, kw, repeats: int, branch: int) -> tuple[float, float]:
+    """Median seconds of a full and of a cached forward."""
+    from cascade import deepcache
+
+    full = [timed(lambda: unet(x, 500, **kw)) for _ in range(repeats)]
+    unet.enable_deepcache(cache_interval=repeats + 1, cache_branch_id=branch)
+    with deepcache.call_scope():
+        unet(x, 500, **kw)  # the full step that fills the cache
+        cached = [timed(lambda: unet(x, 499, **kw)) for _ in range(repeats)]
+    unet.disable_deepcache()
+    return statistics.median(full), statistics.median(cached)
+
+
+def loop_time(unet, x, kw, steps: int) -> float:
+    """A whole denoising-shaped loop in one call scope; the update only keeps inputs changing."""
+    from cascade import deepcache
+
+    def run():
+        y = x
+        with deepcache.call_scope():
+            for i in range(steps):
+                y = y - 0.01 * unet(y, 999 - 100 * i, **kw)[0][:, :y.shape[1]]
+
+    return timed(run)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
+    p.add_argument("--loop", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    unet = real_size_unet()
+    x, kw = inputs(unet, args.size)
+    result = dict(size=args.size, steps=args.steps, branch=args.branch, threads=args.threads,
+                  load_before=os.getloadavg()[0])
+    with torch.no_grad():
+        unet(x, 500, **kw)  # warm-up
+        full, cached = forward_times(unet, x, kw, args.repeats, args.branch)
+        result.update(full_s=round(full, 3), cached_s=round(cached, 3))
+        for n in args.intervals:
+            n_full = math.ceil(args.steps / n)
+            ratio = args.steps * full / (n_full * full + (args.steps - n_full) * cached)
+            result[f"ratio_interval_{n}"] = round(ratio, 2)
+        if args.loop:
+            plain = loop_time(unet, x, kw, args.steps)
+            result["loop_plain_s"] = round(plain, 2)
+            for n in args.intervals:
+                unet.enable_deepcache(cache_interval=n, cache_branch_id=args.branch)
+                result[f"loop_ratio_interval_{n}"] = round(plain / loop_time(unet, x, kw, args.steps), 2)
+                unet.disable_deepcache()
+    result["load_after"] = os.getloadavg()[0]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
