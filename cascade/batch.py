@@ -201,4 +201,8 @@ def add_parser(sub, add_options):
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster (a local one without ADDRESS); needs the ray extra")
     p.add_argument("--actors", type=int, default=1, metavar="N", help="Ray actors (with --ray)")
+    p.add_argument("--cpus-per-actor", type=float, default=1, metavar="C",
+                   help="CPUs (and torch threads) per Ray actor (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, metavar="G",
+                   help="GPUs per Ray actor (default 0; with GPUs the device defaults to cuda)")
     p.set_defaults(run=batch)

@@ -101,11 +101,6 @@ class LineActor:
         return {"record": np.array(records, dtype=object)}
 
 
-def images_of(line, defaults: dict) -> int:
-    n = line.values.get("n", defaults.get("n", 1))
-    return n if isinstance(n, int) and n > 0 else 1
-
-
 def dataset(lines: list):
     import ray.data
 
@@ -134,27 +129,33 @@ def run_lines(lines: list, defaults: dict, out: Path, root: Path, args, resource
     import ray.data
     from tqdm.auto import tqdm
 
+    from .batch import planned
+
     actors, cpus, gpus = resources
     quiet_data()
-    (out / "errors.jsonl").unlink(missing_ok=True)
     made = dataset(lines).map_batches(
         LineActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs=dict(defaults=defaults, out=str(out.resolve()), root=str(root.resolve()),
                                    threads=max(1, math.ceil(cpus)), device="cuda" if gpus else None))
-    bar = tqdm(total=sum(images_of(line, defaults) for line in lines), unit="image", file=sys.stderr,
+    bar = tqdm(total=sum(planned(line, defaults) for line in lines), unit="image", file=sys.stderr,
                disable=args.quiet, desc=f"batch on {actors} Ray actor{'s' * (actors > 1)}")
-    records = []
+    records, lines_by_number = [], {line.number: line for line in lines}
     for row in made.iter_rows():
         records.append(json.loads(row["record"]))
-        bar.update(max(len(records[-1]["paths"]), 1))
+        left = planned(lines_by_number[records[-1]["line"]], defaults)
+        if records[-1]["status"] == "skipped":  # as the local bar: done lines leave the total
+            bar.total -= left
+            bar.refresh()
+        else:
+            bar.update(left)
     bar.close()
     return records
 
 
 def check_resources(args) -> tuple[int, float, float]:
     """(actors, CPUs, GPUs per actor), checked before anything starts."""
-    actors, cpus, gpus = args.actors, getattr(args, "cpus_per_actor", 1), getattr(args, "gpus_per_actor", 0)
+    actors, cpus, gpus = args.actors, args.cpus_per_actor, args.gpus_per_actor
     if not isinstance(actors, int) or actors < 1:
         raise ValueError(f"--actors: expected a positive integer, got {actors!r}")
     if not cpus > 0:
