@@ -95,3 +95,30 @@ def test_cancel_from_the_page(page):
     page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')",
                            timeout=30000)
     assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+
+
+def test_inpainting_with_a_painted_mask(page, tmp_path):
+    source = tmp_path / "source.png"
+    PIL.Image.new("RGB", (64, 64), (0, 0, 255)).save(source)
+    page.select_option("#task", "inpaint")
+    assert page.is_visible("#image-file") and not page.is_visible("[data-setting=strength]")
+    page.set_input_files("#image-file", str(source))
+    page.wait_for_function("document.getElementById('mask-canvas').width === 64")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT.replace(".png", "-inpaint.png"), full_page=True)
+    cards = page.locator(".card").count()
+    page.fill("#prompt", "a red square on a blue background")
+    page.fill("#steps", "2")
+    page.fill("#prior_steps", "2")
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('.card').length === {cards + 1}", timeout=60000)
+    with page.expect_download() as info:
+        page.click(".card a")  # the newest card comes first
+    made = PIL.Image.open(info.value.path())
+    assert (made.text["task"], made.text["image"], made.text["mask"]) == ("inpaint", "(uploaded image)",
+                                                                          "(uploaded mask)")

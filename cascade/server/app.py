@@ -102,7 +102,7 @@ def png_info(raw: bytes, limits: Limits) -> dict:
 
 
 def create_app(executor, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
-    app = FastAPI(title="cascade", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="cascade", docs_url=None, redoc_url=None)  # their pages load scripts from a CDN
     app.state.executor, app.state.limits = executor, limits
     app.state.current = next(iter(executor.served))
 
