@@ -178,18 +178,38 @@ def test_denoisers_compile_whole_with_no_graph_breaks(pipes, name, component):
             assert_close(compiled(*args, **kwargs), model(*args, **kwargs), 1e-5)
 
 
+def reference_drift(request, name) -> float:
+    """How far the reference's own attention slicing moves this case's output (relative), on this machine."""
+    import diffusers
+
+    fixture, sub, _ = CASES[name]
+    ref = load(diffusers, name, request.getfixturevalue(fixture) / sub)
+    plain = call(ref, name, output_type="np")
+    ref.enable_attention_slicing("max")
+    moved = float(np.abs(call(ref, name, output_type="np") - plain).max())
+    return moved / max(1.0, float(np.abs(plain).max()))
+
+
+# The tiny inpainting UNet amplifies float rounding: the reference's own slicing moves this case by 1.3e-4
+# (measured here) to 3.5e-4 (another machine), ours by 3.5e-5 to 1.9e-4. Its bound is measured, not fixed.
+AMPLIFYING = {"KandinskyV22InpaintPipeline"}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_attention_slicing_and_memory_efficient_attention_keep_the_output(pipes, name):
+def test_attention_slicing_and_memory_efficient_attention_keep_the_output(request, pipes, name):
     pipe = pipes(name)
     run = lambda: call(pipe, name, output_type="np")  # noqa: E731 (numbers: 8-bit rounding would hide 1e-4)
     plain = run()
     scale = max(1.0, float(np.abs(plain).max()))
+    # Equivalent computations rounded otherwise: within 1e-4, or twice the reference's own move where the
+    # model amplifies rounding (ours and the reference's may round opposite ways).
+    bound = max(1e-4, 2 * reference_drift(request, name)) if name in AMPLIFYING else 1e-4
     for enable, disable in ((lambda: pipe.enable_attention_slicing("max"), pipe.disable_attention_slicing),
                             (pipe.enable_xformers_memory_efficient_attention,
                              pipe.disable_xformers_memory_efficient_attention)):
         enable()
         try:
-            assert_close(run() / scale, plain / scale, 1e-4)
+            assert_close(run() / scale, plain / scale, bound)
         finally:
             disable()
     assert_close(run(), plain, 0)

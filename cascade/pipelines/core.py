@@ -15,6 +15,7 @@ import torch
 from ..config import DIFFUSERS_VERSION, read_json, write_json
 from ..loading import builtin, resolve
 from ..schedulers.base import randn_tensor
+from .checks import finite_stage
 from .offload import OffloadMixin
 
 # The transformers classes a model_index.json may name (never imported by name otherwise), and what reads
@@ -202,6 +203,7 @@ def check_output_type(output_type, allowed=OUTPUT_TYPES):
 
 def postprocess(image: torch.Tensor, output_type: str, unit_pt: bool = True):
     """Decoder output in [-1, 1] -> PIL list, NHWC numpy or NCHW tensor in [0, 1] (raw if not unit_pt)."""
+    finite_stage("decoder", image)  # NaN would become black pixels
     if output_type == "pt" and not unit_pt:
         return image
     image = (image * 0.5 + 0.5).clamp(0, 1)
@@ -472,14 +474,7 @@ def connected_prior(combined_cls, prior_cls, folder: Path, index: dict, given: d
             if f"prior_{k}" in combined_cls.components_order and f"prior_{k}" not in given}
 
 
-def split_args(call_locals: dict) -> tuple[dict, dict]:
-    """A combined pipeline's `locals()` -> (decoder arguments, prior arguments without their `prior_` prefix)."""
-    args = {k: v for k, v in call_locals.items() if k not in ("self", "__class__")}
-    args.update(args.pop("kwargs", {}))
-    return args, {k[6:]: args.pop(k) for k in list(args) if k.startswith("prior_")}
-
-
 def call_args(fn: Callable, values: dict) -> dict:
-    """The subset of `values` that `fn` accepts by name (combined pipelines forward by name)."""
+    """The subset of `values` that `fn` accepts by name."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in values.items() if k in params}

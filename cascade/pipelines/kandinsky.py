@@ -10,9 +10,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
-                   check_strength, connected_prior, denoise, encode_image, encode_text, guided, noised_start,
-                   postprocess, prepare_latents, split_args, sub_pipeline, to_tensor_batch, with_next_timestep)
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type, check_strength,
+                   connected_prior, denoise, encode_image, encode_text, guided, noised_start, postprocess,
+                   prepare_latents, sub_pipeline, to_tensor_batch, with_next_timestep)
 
 
 @dataclass
@@ -426,22 +426,22 @@ class KandinskyCombinedBase(DiffusionPipeline):
     def missing_parts(cls, folder, index, given, torch_dtype, variant, hub):
         return connected_prior(cls, KandinskyV22PriorPipeline, folder, index, given, torch_dtype, variant, hub)
 
-    def chain(self, args: dict):
-        """Run the prior, then the decoder on its embeddings, forwarding every argument by name."""
-        args, prior_args = split_args(args)
-        prior_args.update({k: args[k] for k in ("prompt", "negative_prompt", "num_images_per_prompt",
-                                                "generator")})
-        prior_args.update(latents=args.pop("latents"), output_type="pt", return_dict=False)
-        decoder = self.decoder_pipe
-        decoder.callbacks({}, args.get("callback_on_step_end"), args.get("callback_on_step_end_tensor_inputs"))
-        embeds, negative = self.prior_pipe(**call_args(KandinskyV22PriorPipeline.__call__, prior_args))
-        if isinstance(args.get("mask_image"), torch.Tensor):  # else spread reads (B, H, W) as one B-channel mask
-            args["mask_image"] = batched_mask(args["mask_image"])
-        for name in ("image", "mask_image", "hint"):
-            if name in args:
-                args[name] = spread(args[name], embeds.shape[0])
-        args.update(image_embeds=embeds, negative_image_embeds=negative, num_images_per_prompt=1)
-        return decoder(**{k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")})
+    def prior_embeds(self, prompt, negative_prompt, n, generator, latents, guidance_scale, steps, on_step_end,
+                     tensor_inputs) -> dict:
+        """The decoder's `image_embeds` and `negative_image_embeds`: the prior run with its own arguments."""
+        embeds, negative = self.prior_pipe(
+            prompt, negative_prompt=negative_prompt, num_images_per_prompt=n, num_inference_steps=steps,
+            generator=generator, latents=latents, guidance_scale=guidance_scale, output_type="pt",
+            return_dict=False, callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=tensor_inputs)
+        return dict(image_embeds=embeds, negative_image_embeds=negative)
+
+    def decoder_inputs(self, embeds: dict, **images) -> dict:
+        """The embeddings and each given image spread so every embedding gets its own image."""
+        if isinstance(images.get("mask_image"), torch.Tensor):  # else spread reads (B, H, W) as one mask
+            images["mask_image"] = batched_mask(images["mask_image"])
+        rows = embeds["image_embeds"].shape[0]
+        return {**embeds, **{k: spread(v, rows) for k, v in images.items()}}
 
 
 def spread(images, batch: int):
@@ -464,7 +464,15 @@ class KandinskyV22CombinedPipeline(KandinskyCombinedBase):
                  prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
         """Text -> images: the prior's embeddings fed to the decoder. `latents` are the prior's."""
-        return self.chain(locals())
+        embeds = self.prior_embeds(prompt, negative_prompt, num_images_per_prompt, generator, latents,
+                                   prior_guidance_scale, prior_num_inference_steps,
+                                   prior_callback_on_step_end, prior_callback_on_step_end_tensor_inputs)
+        return self.decoder_pipe(**embeds, height=height, width=width, guidance_scale=guidance_scale,
+                                 num_inference_steps=num_inference_steps, generator=generator,
+                                 output_type=output_type, callback=callback, callback_steps=callback_steps,
+                                 return_dict=return_dict,
+                                 callback_on_step_end=callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
 
 class KandinskyV22Img2ImgCombinedPipeline(KandinskyCombinedBase):
@@ -478,7 +486,15 @@ class KandinskyV22Img2ImgCombinedPipeline(KandinskyCombinedBase):
                  prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
         """Text + image -> images."""
-        return self.chain(locals())
+        embeds = self.prior_embeds(prompt, negative_prompt, num_images_per_prompt, generator, latents,
+                                   prior_guidance_scale, prior_num_inference_steps,
+                                   prior_callback_on_step_end, prior_callback_on_step_end_tensor_inputs)
+        return self.decoder_pipe(**self.decoder_inputs(embeds, image=image), strength=strength,
+                                 height=height, width=width, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, generator=generator, output_type=output_type,
+                                 callback=callback, callback_steps=callback_steps, return_dict=return_dict,
+                                 callback_on_step_end=callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
 
 class KandinskyV22InpaintCombinedPipeline(KandinskyCombinedBase):
@@ -493,5 +509,14 @@ class KandinskyV22InpaintCombinedPipeline(KandinskyCombinedBase):
                  return_dict=True, prior_callback_on_step_end=None,
                  prior_callback_on_step_end_tensor_inputs=("latents",), callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), **kwargs):
-        """Text + image + mask -> inpainted images."""
-        return self.chain(locals())
+        """Text + image + mask -> inpainted images; `kwargs`: the deprecated `callback`, `callback_steps`."""
+        embeds = self.prior_embeds(prompt, negative_prompt, num_images_per_prompt, generator, latents,
+                                   prior_guidance_scale, prior_num_inference_steps,
+                                   prior_callback_on_step_end, prior_callback_on_step_end_tensor_inputs)
+        images = self.decoder_inputs(embeds, image=image, mask_image=mask_image)
+        return self.decoder_pipe(**images, height=height, width=width, guidance_scale=guidance_scale,
+                                 num_inference_steps=num_inference_steps, generator=generator,
+                                 output_type=output_type, return_dict=return_dict,
+                                 callback_on_step_end=callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                                 **kwargs)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..deepcache import per_call
+from .checks import checked
 
 
 def to_device(value, device):
@@ -79,7 +80,8 @@ class OffloadMixin:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__call__" in cls.__dict__:  # each call also gets its own DeepCache scope (cascade/deepcache.py)
-            cls.__call__ = released(per_call(cls.__dict__["__call__"]))
+            # and its arguments checked before any model runs (checks.py)
+            cls.__call__ = released(per_call(checked(cls.__dict__["__call__"])))
 
     def maybe_free_model_hooks(self) -> None:
         """Send the last model of a model-offloaded call back to the CPU, as the reference does after a call."""

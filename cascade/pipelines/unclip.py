@@ -6,6 +6,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .checks import finite_stage
 from .core import (DiffusionPipeline, ImagePipelineOutput, check_output_type, denoise, encode_image,
                    encode_text, guided, postprocess, prepare_latents, with_next_timestep)
 
@@ -88,17 +89,16 @@ class UnCLIPBase(DiffusionPipeline):
 
         return self.denoise_stage("super_res", fn, scheduler, latents, generator, callback)
 
-    def decode(self, text: dict, embeds, guide: bool, shapes: dict, callback: tuple, call: dict):
-        """Decoder, super-resolution, output; `call` holds the __call__ arguments by name."""
-        generator = call["generator"]
-        image = self.decoder_stage(text, embeds, guide, call["decoder_num_inference_steps"],
-                                   call["decoder_guidance_scale"], generator, call["decoder_latents"],
+    def decode(self, text: dict, embeds, guide: bool, shapes: dict, callback: tuple, generator, steps: tuple,
+               scale, latents: tuple, output_type, return_dict):
+        """Decoder, super-resolution, output; `steps` and `latents` are the (decoder, super_res) ones."""
+        image = self.decoder_stage(text, embeds, guide, steps[0], scale, generator, latents[0],
                                    shapes["decoder_latents"], callback)
-        image = self.super_res_stage(image, call["super_res_num_inference_steps"], generator,
-                                     call["super_res_latents"], shapes["super_res_latents"], callback)
+        image = self.super_res_stage(image, steps[1], generator, latents[1], shapes["super_res_latents"],
+                                     callback)
         self.stage = None
-        image = image if call["output_type"] == "latent" else postprocess(image, call["output_type"])
-        return ImagePipelineOutput(images=image) if call["return_dict"] else (image,)
+        image = image if output_type == "latent" else postprocess(image, output_type)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
 class UnCLIPPipeline(UnCLIPBase):
@@ -128,7 +128,10 @@ class UnCLIPPipeline(UnCLIPBase):
         text = self.encode_prompt(prompt, text_model_output, text_attention_mask, n, guide)
         embeds = self.prior_stage(text, prior_num_inference_steps, prior_guidance_scale, generator,
                                   prior_latents, shapes["prior_latents"], callback)
-        return self.decode(text, embeds, guide, shapes, callback, locals())
+        finite_stage("prior", embeds)
+        steps = (decoder_num_inference_steps, super_res_num_inference_steps)
+        return self.decode(text, embeds, guide, shapes, callback, generator, steps, decoder_guidance_scale,
+                           (decoder_latents, super_res_latents), output_type, return_dict)
 
     @staticmethod
     def prompt_batch(prompt, text_model_output, text_attention_mask) -> int:
@@ -194,7 +197,9 @@ class UnCLIPImageVariationPipeline(UnCLIPBase):
         guide = decoder_guidance_scale > 1
         text = encode_text(self.tokenizer, self.text_encoder, [""] * rows, None, n, guide)
         embeds = self.encode_image(image, image_embeddings).repeat_interleave(n, 0)
-        return self.decode(text, embeds, guide, shapes, callback, locals())
+        steps = (decoder_num_inference_steps, super_res_num_inference_steps)
+        return self.decode(text, embeds, guide, shapes, callback, generator, steps, decoder_guidance_scale,
+                           (decoder_latents, super_res_latents), output_type, return_dict)
 
     @staticmethod
     def image_batch(image, image_embeddings) -> int:

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from ..lora import LoraLoaderMixin
-from .core import (DiffusionPipeline, ImagePipelineOutput, Output, call_args, check_output_type,
-                   connected_prior, denoise, guided, postprocess, prepare_latents, split_args, sub_pipeline,
-                   tokenize)
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type, connected_prior,
+                   denoise, guided, postprocess, prepare_latents, sub_pipeline, tokenize)
 
 # Stage C's recommended schedule: 19 steps over the noisiest third, 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:]]
@@ -241,25 +240,34 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **kwargs):
         """Text -> images: stage C's embeddings decoded by stages B and A. `latents` are stage C's; `prior_*`
         arguments (and `prior_callback`, `prior_callback_steps`) go to stage C, `decoder_*` to stage B."""
-        return self.chain(locals())
+        self.check_decoder(prompt, negative_prompt, height, width, output_type, decoder_guidance_scale)
+        embeds = self.prior_pipe(
+            prompt=prompt if prompt_embeds is None else None, height=height, width=width,
+            num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
+            guidance_scale=prior_guidance_scale, prompt_embeds=prompt_embeds,
+            negative_prompt=negative_prompt if negative_prompt_embeds is None else None,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, latents=latents, output_type="pt", return_dict=False,
+            callback_on_step_end=prior_callback_on_step_end,
+            callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+            **legacy(kwargs, "prior_"))
+        return self.decoder_pipe(
+            embeds[0], prompt="" if prompt is None else prompt, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **legacy(kwargs))
 
-    def chain(self, args: dict):
-        """Check what the decoder will need, run the prior, then the decoder on its embeddings, by name."""
-        args, prior_args = split_args(args)
-        args.update({k[8:]: args.pop(k) for k in list(args) if k.startswith("decoder_")})
-        prior_only = ("height", "width", "prompt_embeds", "negative_prompt_embeds", "latents",
-                      "num_images_per_prompt")
-        prior_args.update({k: args.pop(k) for k in prior_only}, generator=args["generator"])
-        for name in ("prompt", "negative_prompt"):  # embeddings given take the place of text
-            prior_args[name] = args[name] if prior_args[f"{name}_embeds"] is None else None
-        args["prompt"] = "" if args["prompt"] is None else args["prompt"]
-        prior, decoder = self.prior_pipe, self.decoder_pipe
-        rows = len(args["prompt"]) if isinstance(args["prompt"], list) else 1
-        size = prior.embeddings_size(prior_args["height"], prior_args["width"])
-        shape = (rows, decoder.decoder.config.effnet_embd, *size)
-        decoder.check_inputs(shape, **call_args(decoder.check_inputs, args))
-        named = call_args(WuerstchenDecoderPipeline.__call__, args)
-        decoder.callbacks({}, args["callback_on_step_end"], args["callback_on_step_end_tensor_inputs"],
-                          {k: v for k, v in args.items() if k not in named})
-        embeds = prior(**prior_args, output_type="pt", return_dict=False)[0]
-        return decoder(embeds, **args)
+    def check_decoder(self, prompt, negative_prompt, height, width, output_type, guidance_scale):
+        """What stage B will check, before stage C runs (its U-Net needs sizes in steps of 128 px)."""
+        prompt = "" if prompt is None else prompt
+        rows = len(prompt) if isinstance(prompt, list) else 1
+        decoder = self.decoder_pipe
+        shape = (rows, decoder.decoder.config.effnet_embd, *self.prior_pipe.embeddings_size(height, width))
+        decoder.check_inputs(shape, prompt, negative_prompt, output_type, guidance_scale)
+
+
+def legacy(kwargs: dict, prefix: str = "") -> dict:
+    """The deprecated `callback` and `callback_steps` of one stage (`prior_callback`... for stage C)."""
+    return {k: kwargs[prefix + k] for k in ("callback", "callback_steps") if prefix + k in kwargs}
