@@ -13,6 +13,7 @@ import cascade
 from cascade import __version__
 from cascade.cli import main
 from cascade.jobs import write_new
+from test_jobs import huge_png
 
 FAST = ["--steps", "1", "--prior-steps", "2", "--seed", "3", "-q"]
 
@@ -208,7 +209,7 @@ def test_karlo_generate_and_variations(request, tmp_path, capsys):
     assert code == 1 and "--prior-steps: UnCLIPImageVariationPipeline has no such setting" in err  # no prior
     no_prior = steps[:2] + steps[4:]
     code, out, _ = cli(capsys, "variations", unclip_root / "variation", "--image", image, *no_prior)
-    assert code == 0 and PIL.Image.open(out.strip()).text["task"] == "variations"
+    assert code == 0 and PIL.Image.open(out.strip()).text["task"] == "variation"  # the recipe's task
 
 
 def test_wuerstchen_generate(wuerstchen_root, tmp_path, capsys):
@@ -261,20 +262,6 @@ def test_info_of_a_hub_repo_reads_headers_remotely(kandinsky_root, monkeypatch, 
 
 
 # --------------------------------------------------------------------------------------------- issue 14: no traceback
-
-def huge_png(path, width, height):
-    """A tiny file whose header claims a huge image."""
-    import io
-    import zlib
-
-    out = io.BytesIO()
-    PIL.Image.new("RGB", (4, 4)).save(out, "png")
-    data = bytearray(out.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    path.write_bytes(bytes(data))
-    return path
-
 
 def broken_folders(kandinsky_root, tmp):
     """Model folders a careless or hostile user may hand over."""

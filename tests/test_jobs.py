@@ -104,9 +104,8 @@ def test_a_png_without_our_recipe_is_a_clear_error(tmp_path):
 
 def huge_png(path, width=60000, height=60000):
     """A tiny file whose header claims a huge image (IHDR rewritten, CRC fixed)."""
-    data = bytearray(io.BytesIO().getbuffer())
     out = io.BytesIO()
-    PIL.Image.new("L", (4, 4)).save(out, "png")
+    PIL.Image.new("RGB", (4, 4)).save(out, "png")
     data = bytearray(out.getvalue())
     data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
