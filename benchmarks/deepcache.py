@@ -2,12 +2,13 @@
 random weights), decoder only: the plain step against DeepCache at intervals 2, 3 and 5.
 
 The UNet runs as the decoder runs it under guidance: a batch of two (unconditional and conditional
-halves) at the latent size of a `--size` image. Two measurements: the time of one full forward and of one
-cached forward (a shallow-stage-only step), the median of `--repeats` each, from which a `--steps` loop's
-ratio follows (interval N: ceil(steps / N) full forwards, the rest cached); with `--loop`, also whole
-loops timed as such (slower: one plain loop plus one per interval).
+halves) at the latent size of a `--size` image. Measured: the fastest full and cached (shallow stage
+only) forward of `--repeats` each, from which a `--steps` loop's ratio follows (interval N:
+ceil(steps / N) full forwards, the rest cached); the same ratio from operation counts (FlopCounterMode on
+the meta device: exact and independent of the machine's load; `--flops-only` stops there); with
+`--loop`, whole loops timed as such (slower: one plain loop plus one per interval).
 
-    python benchmarks/deepcache.py [--size 512] [--steps 10] [--repeats 2] [--branch 0] [--loop] [--threads 2]
+    python benchmarks/deepcache.py [--size 512] [--steps 9] [--repeats 2] [--branch 0] [--loop] [--flops-only]
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 
 
@@ -51,16 +51,41 @@ def timed(fn) -> float:
 
 
 def forward_times(unet, x, kw, repeats: int, branch: int) -> tuple[float, float]:
-    """Median seconds of a full and of a cached forward."""
+    """Fastest seconds of a full and of a cached forward: at interval 2 in one scope, full and cached
+    forwards alternate, the first full one also warming up."""
     from cascade import deepcache
 
-    full = [timed(lambda: unet(x, 500, **kw)) for _ in range(repeats)]
-    unet.enable_deepcache(cache_interval=repeats + 1, cache_branch_id=branch)
+    unet.enable_deepcache(cache_interval=2, cache_branch_id=branch)
     with deepcache.call_scope():
-        unet(x, 500, **kw)  # the full step that fills the cache
-        cached = [timed(lambda: unet(x, 499, **kw)) for _ in range(repeats)]
+        times = [timed(lambda: unet(x, 500, **kw)) for _ in range(2 * repeats)]
     unet.disable_deepcache()
-    return statistics.median(full), statistics.median(cached)
+    return min(times[0::2]), min(times[1::2])
+
+
+def flops(size: int, branch: int) -> tuple[float, float]:
+    """Floating-point operations of a full and of a cached forward, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cascade import UNet2DConditionModel, deepcache, presets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**presets.KANDINSKY22_UNET).eval()
+        x, kw = inputs(unet, size)
+    unet.enable_deepcache(cache_interval=2, cache_branch_id=branch)
+    counts = []
+    with deepcache.call_scope(), torch.no_grad():
+        for _ in range(2):
+            with FlopCounterMode(display=False) as counter:
+                unet(x, 500, **kw)
+            counts.append(counter.get_total_flops())
+    return counts[0], counts[1]
+
+
+def ratio(steps: int, interval: int, full: float, cached: float) -> float:
+    """Plain over DeepCache for a loop of `steps`: ceil(steps / interval) full forwards, the rest cached."""
+    n_full = math.ceil(steps / interval)
+    return steps * full / (n_full * full + (steps - n_full) * cached)
 
 
 def loop_time(unet, x, kw, steps: int) -> float:
@@ -79,28 +104,33 @@ def loop_time(unet, x, kw, steps: int) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=9)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
     p.add_argument("--loop", action="store_true")
+    p.add_argument("--flops-only", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    result = dict(size=args.size, steps=args.steps, branch=args.branch, threads=args.threads)
+    full_flops, cached_flops = flops(args.size, args.branch)
+    result.update(full_tflop=round(full_flops / 1e12, 3), cached_share=round(cached_flops / full_flops, 3),
+                  **{f"flop_ratio_interval_{n}": round(ratio(args.steps, n, full_flops, cached_flops), 2)
+                     for n in args.intervals})
+    if args.flops_only:
+        print(json.dumps(result))
+        return
     unet = real_size_unet()
     x, kw = inputs(unet, args.size)
-    result = dict(size=args.size, steps=args.steps, branch=args.branch, threads=args.threads,
-                  load_before=os.getloadavg()[0])
+    result["load_before"] = os.getloadavg()[0]
     with torch.no_grad():
-        unet(x, 500, **kw)  # warm-up
         full, cached = forward_times(unet, x, kw, args.repeats, args.branch)
-        result.update(full_s=round(full, 3), cached_s=round(cached, 3))
-        for n in args.intervals:
-            n_full = math.ceil(args.steps / n)
-            ratio = args.steps * full / (n_full * full + (args.steps - n_full) * cached)
-            result[f"ratio_interval_{n}"] = round(ratio, 2)
+        result.update(full_s=round(full, 2), cached_s=round(cached, 2),
+                      **{f"ratio_interval_{n}": round(ratio(args.steps, n, full, cached), 2)
+                         for n in args.intervals})
         if args.loop:
             plain = loop_time(unet, x, kw, args.steps)
             result["loop_plain_s"] = round(plain, 2)

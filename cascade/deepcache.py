@@ -9,6 +9,10 @@ nothing outlives a call. The UNet counts its own forward calls within the scope:
 when k % cache_interval == 0. A second-order sampler (Heun) evaluates the model twice per step, and
 both evaluations count. Outside any scope (the UNet called directly) every forward runs in full; a
 custom sampling loop opens one with `with call_scope():`.
+
+A setting on the UNet applies to every call of every pipeline holding it. For one call's own choice (a
+server's per-request option), `with using(settings):` (or a pipeline's `deepcache(...)` block) overrides
+it for the calls this thread makes inside the block, None meaning off; other threads are untouched.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from contextvars import ContextVar
 import torch
 
 _SCOPE: ContextVar[dict | None] = ContextVar("cascade_deepcache_scope", default=None)
+_UNSET = object()
+_OVERRIDE: ContextVar = ContextVar("cascade_deepcache_override", default=_UNSET)
 
 SUPPORTED = ("the Kandinsky 2.2 decoder pipelines (text-to-image, img2img, inpainting, ControlNet) and their "
              "combined pipelines, UnCLIPPipeline, UnCLIPImageVariationPipeline and "
@@ -84,3 +90,19 @@ def slot(model: torch.nn.Module) -> Slot | None:
     """This call's cache for `model`, or None outside any scope."""
     scope = _SCOPE.get()
     return None if scope is None else scope.setdefault(model, Slot())
+
+
+@contextlib.contextmanager
+def using(settings: DeepCache | None):
+    """`settings` (None: off) instead of the UNets' own, for the calls made in this context."""
+    token = _OVERRIDE.set(settings)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def settings_for(own: DeepCache | None) -> DeepCache | None:
+    """What a UNet whose own setting is `own` runs with in the current context."""
+    override = _OVERRIDE.get()
+    return own if override is _UNSET else override

@@ -186,6 +186,39 @@ def test_two_threads_on_one_pipeline_get_the_images_of_one_call_after_the_other(
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
 
 
+def test_a_deepcache_block_is_one_thread_s_own_choice(pipes):
+    """`with pipe.deepcache(...)`: a server's request with DeepCache beside one without, on one pipeline."""
+    pipe, call = pipes["decoder"]
+    plain = call(seed=0, steps=12)
+    with pipe.deepcache(cache_interval=3):
+        cached = call(seed=1, steps=12)
+    pipe.enable_deepcache(cache_interval=2)
+    with pipe.deepcache(None):  # off for this block only
+        assert torch.equal(call(seed=0, steps=12), plain)
+    pipe.disable_deepcache()
+    with pytest.raises(ValueError, match="cache_branch_id must be an int from 0 to 0"):
+        pipe.deepcache(cache_interval=3, cache_branch_id=1)
+    together, start = [None, None], threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        if i == 0:
+            together[0] = call(seed=0, steps=12)
+            return
+        with pipe.deepcache(cache_interval=3):
+            together[1] = call(seed=1, steps=12)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(together[0], plain) and torch.equal(together[1], cached)
+    with pipe.deepcache(cache_interval=3):
+        assert not torch.equal(call(seed=0, steps=12), plain)
+    assert pipe.unet.deepcache is None
+
+
 DECODER_PIPELINES = {  # pipeline class name: the folder it loads
     "KandinskyV22Pipeline": "text2img", "KandinskyV22Img2ImgPipeline": "text2img",
     "KandinskyV22InpaintPipeline": "inpaint", "KandinskyV22ControlnetPipeline": "controlnet",
@@ -221,6 +254,8 @@ def test_every_pipeline_with_a_unet_decoder_takes_it_and_the_others_raise(kandin
         with pytest.raises(ValueError, match=f"{cls.__name__} has no UNet2DConditionModel decoder for "
                                              "DeepCache; it runs on the Kandinsky 2.2 decoder pipelines"):
             pipe.enable_deepcache()
+        with pytest.raises(ValueError, match="has no UNet2DConditionModel decoder"):
+            pipe.deepcache(cache_interval=3)
         pipe.disable_deepcache()  # nothing to switch off
 
 

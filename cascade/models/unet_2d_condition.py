@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..deepcache import DeepCache, slot
+from ..deepcache import DeepCache, settings_for, slot
 from ..loading import ModelMixin
 from .layers import (GaussianFourierProjection, ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding,
                      ModelOutput, TimestepEmbedding, Timesteps, activation)
@@ -218,7 +218,10 @@ class UNet2DConditionModel(ModelMixin):
                                           added_cond_kwargs, timestep_cond)
         mask = mask if context is not None or attention_mask is not None else None
         x = self.conv_in(sample)
-        settings = self.deepcache  # read once: another thread may switch it during this call
+        own = self.deepcache  # read once: another thread may switch it meanwhile
+        settings = settings_for(own)
+        if settings is not None and settings is not own:  # a `deepcache.using` block's, unchecked here
+            settings.check(len(self.down_blocks))
         cache = slot(self) if settings is not None else None
         level = len(self.down_blocks) - 1 if cache is None else settings.cache_branch_id
         x, skips = self.shallow_down(x, level, emb, context, mask)
@@ -267,9 +270,13 @@ class UNet2DConditionModel(ModelMixin):
     def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0) -> None:
         """DeepCache (see cascade/deepcache.py): a setting on the model, shared by the pipelines holding it;
         the cache itself lives in each pipeline call."""
+        self.deepcache = self.deepcache_settings(cache_interval, cache_branch_id)
+
+    def deepcache_settings(self, cache_interval: int = 3, cache_branch_id: int = 0) -> DeepCache:
+        """DeepCache settings checked against this UNet's depth."""
         settings = DeepCache(cache_interval, cache_branch_id)
         settings.check(len(self.down_blocks))
-        self.deepcache = settings
+        return settings
 
     def disable_deepcache(self) -> None:
         self.deepcache = None

@@ -13,6 +13,8 @@ import PIL.Image
 import torch
 
 from ..config import DIFFUSERS_VERSION, read_json, write_json
+from ..deepcache import SUPPORTED as DEEPCACHE_PIPELINES
+from ..deepcache import using as deepcache_using
 from ..loading import builtin, resolve
 from ..schedulers.base import randn_tensor
 from .checks import finite_stage
@@ -394,15 +396,27 @@ class DiffusionPipeline(OffloadMixin):
     def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0):
         """Run the whole decoder UNet every `cache_interval` of its forward calls, in between only its levels
         0 to `cache_branch_id`, on the deep features of the last full one (arXiv 2312.00858)."""
-        if not self.for_models("enable_deepcache", cache_interval, cache_branch_id):
-            from ..deepcache import SUPPORTED
-
-            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel decoder for DeepCache; it "
-                             f"runs on {SUPPORTED}")
+        for unet in self.deepcache_unets():
+            unet.enable_deepcache(cache_interval, cache_branch_id)
 
     def disable_deepcache(self):
         """Back to the plain UNet, bit for bit; a no-op where DeepCache does not apply."""
         self.for_models("disable_deepcache")
+
+    def deepcache(self, cache_interval: int | None = 3, cache_branch_id: int = 0):
+        """A `with` block in which the calls this thread makes use these settings (None: off) instead of
+        enable_deepcache's; other threads' calls on this pipeline are untouched (a request's own option)."""
+        unets = self.deepcache_unets()
+        if cache_interval is None:
+            return deepcache_using(None)
+        return deepcache_using([u.deepcache_settings(cache_interval, cache_branch_id) for u in unets][0])
+
+    def deepcache_unets(self) -> list:
+        unets = [m for m in self.modules().values() if hasattr(m, "deepcache_settings")]
+        if not unets:
+            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel decoder for DeepCache; it "
+                             f"runs on {DEEPCACHE_PIPELINES}")
+        return unets
 
 
 def download(path_or_repo, variant=None, **hub) -> Path:
