@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .attention_options import AttentionOptions
 from .config import Configurable, inside, read_json, regular_file, write_json
@@ -98,6 +99,18 @@ def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict
     return state
 
 
+class no_init(TorchFunctionMode):
+    """Inside, nn.init's functions leave tensors as they are: a load replaces every value they would compute,
+    and some of them on the meta device cost seconds (`normal_` there imports torch._dynamo)."""
+
+    skipped = frozenset(getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.skipped:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load that names the file and the offending keys, then checks nothing is left on meta."""
     state = model.rename_legacy_keys(state) if hasattr(model, "rename_legacy_keys") else state
@@ -152,7 +165,7 @@ class ModelMixin(Configurable, AttentionOptions, nn.Module):
     def load(cls, folder: Path, torch_dtype=None, variant=None, **overrides):
         config = cls.config_class.from_dict(read_json(folder / cls.config_name),
                                             str(folder / cls.config_name), **overrides)
-        with torch.device("meta"):
+        with torch.device("meta"), no_init():
             model = cls(config)
         files = weight_files(folder, variant)
         load_into(model, read_state_dict(files, torch_dtype), str(files[0]))

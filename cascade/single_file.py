@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import read_json
-from .loading import load_into
+from .loading import load_into, no_init
 from .models import UNet2DConditionModel
 
 # Our module -> the original's; a tuple (name, i, n) is the i-th of n chunks of a fused original weight.
@@ -84,7 +84,7 @@ def convert_upscaler_checkpoint(unet: UNet2DConditionModel, original: dict, sour
 
 def load_upscaler_unet(path, config_file: Path, torch_dtype: torch.dtype | None = None):
     config = UNet2DConditionModel.config_class.from_dict(read_json(config_file), str(config_file))
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         unet = UNet2DConditionModel(config)
     state = convert_upscaler_checkpoint(unet, read_checkpoint(Path(path)), str(path))
     if torch_dtype is not None:

@@ -11,6 +11,7 @@ from ..config import Config
 from ..loading import ModelMixin
 from ..schedulers.base import randn_tensor
 from .layers import ModelOutput, SpatialNorm
+from .tiling import TiledDecoding
 from .unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
 
 ENCODER_DOWN = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
@@ -101,7 +102,7 @@ class VectorQuantizer(nn.Module):
         return (z + (z_q - z).detach()).permute(0, 3, 1, 2).contiguous(), loss
 
 
-class Autoencoder(ModelMixin):
+class Autoencoder(TiledDecoding, ModelMixin):
     """What both autoencoders share: the encoder/decoder options and the pre-0.14 attention key names."""
 
     def coder_options(self) -> dict:
@@ -175,8 +176,8 @@ class VQModel(Autoencoder):
             quant, commit_loss = h, torch.zeros(h.shape[0], device=h.device, dtype=h.dtype)
         else:
             quant, commit_loss = self.quantize(h)
-        spatial = quant if self.config.norm_type == "spatial" else None
-        dec = self.decoder(self.post_quant_conv(quant), spatial)
+        spatial = self.config.norm_type == "spatial"
+        dec = self.decoded(quant, lambda q: self.decoder(self.post_quant_conv(q), q if spatial else None))
         return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
@@ -238,7 +239,8 @@ class AutoencoderKL(Autoencoder):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
-        dec = self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+        post = self.post_quant_conv or (lambda x: x)
+        dec = self.decoded(z, lambda x: self.decoder(post(x)))
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,

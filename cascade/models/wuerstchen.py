@@ -12,6 +12,7 @@ from ..config import Config
 from ..loading import ModelMixin
 from .autoencoders import DecoderOutput, VectorQuantizer, VQEncoderOutput
 from .layers import Attention
+from .tiling import TiledDecoding
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -293,7 +294,7 @@ class PaellaVQModelConfig(Config):
     scale_factor: float = 0.3764
 
 
-class PaellaVQModel(ModelMixin):
+class PaellaVQModel(TiledDecoding, ModelMixin):
     """Stage A: the VQGAN between images and the 4-channel latents stage B denoises."""
 
     config_class = PaellaVQModelConfig
@@ -324,7 +325,7 @@ class PaellaVQModel(ModelMixin):
 
     def decode(self, h: torch.Tensor, force_not_quantize: bool = True, return_dict: bool = True):
         quant = h if force_not_quantize else self.vquantizer(h)[0]  # the commitment loss is not returned
-        sample = self.out_block(self.up_blocks(quant))
+        sample = self.decoded(quant, lambda q: self.out_block(self.up_blocks(q)))
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
