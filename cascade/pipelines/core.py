@@ -19,6 +19,7 @@ from ..loading import builtin, resolve
 from ..schedulers.base import randn_tensor
 from .checks import finite_stage
 from .offload import OffloadMixin
+from .vae import VaeOptions
 
 # The transformers classes a model_index.json may name (never imported by name otherwise), and what reads
 # names that other transformers versions write.
@@ -217,7 +218,7 @@ def postprocess(image: torch.Tensor, output_type: str, unit_pt: bool = True):
 
 # --------------------------------------------------------------------------------------------- the base
 
-class DiffusionPipeline(OffloadMixin):
+class DiffusionPipeline(VaeOptions, OffloadMixin):
     """Components by name, loading and saving in the reference's layout, device, progress and callbacks."""
 
     components_order: ClassVar[tuple[str, ...]] = ()
