@@ -396,7 +396,13 @@ def message(error: BaseException) -> str:
     """One line for an error: a recipe field named as its option."""
     from .recipe import RecipeError
 
-    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    import pickle
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # colours some libraries put in their messages
+    lines = [line for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    if isinstance(error, pickle.UnpicklingError):
+        return f"a .bin weights file holds Python objects beyond tensors, refused unrun (weights_only): {lines[0]}"
     if isinstance(error, RecipeError):
         return option_name(error.field) + lines[0][len(error.field):]
     if isinstance(error, (MemoryError, RecursionError)):

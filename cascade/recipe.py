@@ -324,8 +324,10 @@ def open_image(source, mode: str | None = "RGB", field: str = "image", name: str
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(f"{field} {name}: too many pixels ({error})") from None
     except (OSError, SyntaxError, PIL.UnidentifiedImageError):
-        missing = isinstance(source, (str, Path)) and not Path(source).is_file()
-        raise ValueError(f"{field} {name}: {'no such file' if missing else 'not an image'}") from None
+        path = Path(source) if isinstance(source, (str, Path)) else None
+        what = "not an image" if path is None or path.is_file() else "a folder, not an image" if path.is_dir() \
+            else "no such file"
+        raise ValueError(f"{field} {name}: {what}") from None
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         x = np.asarray(image, np.float64)
         top = 65535 if image.mode.startswith("I;16") else max(float(x.max()), 1.0)

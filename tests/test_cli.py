@@ -281,7 +281,7 @@ def broken_folders(kandinsky_root, tmp):
 
 @pytest.mark.parametrize("case,argv,status,words", [
     ("no _class_name", ["generate", "{tmp}/no_class", "a"], 1, "no _class_name"),
-    ("a refused .bin", ["generate", "{tmp}/pickled", "a", *FAST, "--size", "32x32"], 1, ""),
+    ("a refused .bin", ["generate", "{tmp}/pickled", "a", *FAST, "--size", "32x32"], 1, "refused unrun"),
     ("a header of 2**62 bytes", ["info", "{tmp}/lying"], 1, "header"),
     ("a decompression bomb", ["img2img", "{k}/combined_text2img", "a", "--image", "{tmp}/huge.png"], 1,
      "too many pixels"),
