@@ -2,13 +2,15 @@
 random weights), decoder only: the plain step against DeepCache at intervals 2, 3 and 5.
 
 The UNet runs as the decoder runs it under guidance: a batch of two (unconditional and conditional
-halves) at the latent size of a `--size` image. Measured: the fastest full and cached (shallow stage
-only) forward of `--repeats` each, from which a `--steps` loop's ratio follows (interval N:
-ceil(steps / N) full forwards, the rest cached); the same ratio from operation counts (FlopCounterMode on
-the meta device: exact and independent of the machine's load; `--flops-only` stops there); with
-`--loop`, whole loops timed as such (slower: one plain loop plus one per interval).
+halves; `--batch 1` halves the time) at the latent size of a `--size` image. Measured: the fastest full
+and cached (shallow stage only) forward of `--repeats` each, one more full one warming up; from them a
+`--steps` loop's ratio (interval N: ceil(steps / N) full forwards, the rest cached); the same ratio from
+operation counts (FlopCounterMode on the meta device: exact and independent of the machine's load;
+`--flops-only` stops there); with `--loop`, whole loops timed as such (one plain loop plus one per
+interval: slower).
 
-    python benchmarks/deepcache.py [--size 512] [--steps 9] [--repeats 2] [--branch 0] [--loop] [--flops-only]
+    python benchmarks/deepcache.py [--size 512] [--batch 2] [--steps 9] [--repeats 1] [--branch 0]
+                                   [--intervals 2 3 5] [--loop] [--flops-only] [--threads 2]
 """
 from __future__ import annotations
 
@@ -34,13 +36,13 @@ def real_size_unet():
     return unet.eval()
 
 
-def inputs(unet, size: int):
+def inputs(unet, size: int, batch: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
     latent = size // 8  # MoVQ's factor
-    x = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
-    embeds = torch.randn(2, unet.config.encoder_hid_dim, generator=g)
+    x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g)
+    embeds = torch.randn(batch, unet.config.encoder_hid_dim, generator=g)
     return x, dict(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": embeds}, return_dict=False)
 
 
@@ -51,18 +53,18 @@ def timed(fn) -> float:
 
 
 def forward_times(unet, x, kw, repeats: int, branch: int) -> tuple[float, float]:
-    """Fastest seconds of a full and of a cached forward: at interval 2 in one scope, full and cached
-    forwards alternate, the first full one also warming up."""
+    """Fastest seconds of a full and of a cached forward: at interval 2 in one scope, 2 * repeats + 1
+    forwards alternate full and cached, starting and ending full (the first one also warms up)."""
     from cascade import deepcache
 
     unet.enable_deepcache(cache_interval=2, cache_branch_id=branch)
     with deepcache.call_scope():
-        times = [timed(lambda: unet(x, 500, **kw)) for _ in range(2 * repeats)]
+        times = [timed(lambda: unet(x, 500, **kw)) for _ in range(2 * repeats + 1)]
     unet.disable_deepcache()
     return min(times[0::2]), min(times[1::2])
 
 
-def flops(size: int, branch: int) -> tuple[float, float]:
+def flops(size: int, batch: int, branch: int) -> tuple[float, float]:
     """Floating-point operations of a full and of a cached forward, counted on the meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -71,7 +73,7 @@ def flops(size: int, branch: int) -> tuple[float, float]:
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**presets.KANDINSKY22_UNET).eval()
-        x, kw = inputs(unet, size)
+        x, kw = inputs(unet, size, batch)
     unet.enable_deepcache(cache_interval=2, cache_branch_id=branch)
     counts = []
     with deepcache.call_scope(), torch.no_grad():
@@ -105,7 +107,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="2: guidance's two halves; 1 halves the time")
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--branch", type=int, default=0)
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
     p.add_argument("--loop", action="store_true")
@@ -115,8 +118,9 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    result = dict(size=args.size, steps=args.steps, branch=args.branch, threads=args.threads)
-    full_flops, cached_flops = flops(args.size, args.branch)
+    result = dict(size=args.size, batch=args.batch, steps=args.steps, branch=args.branch,
+                  threads=args.threads)
+    full_flops, cached_flops = flops(args.size, args.batch, args.branch)
     result.update(full_tflop=round(full_flops / 1e12, 3), cached_share=round(cached_flops / full_flops, 3),
                   **{f"flop_ratio_interval_{n}": round(ratio(args.steps, n, full_flops, cached_flops), 2)
                      for n in args.intervals})
@@ -124,7 +128,7 @@ def main():
         print(json.dumps(result))
         return
     unet = real_size_unet()
-    x, kw = inputs(unet, args.size)
+    x, kw = inputs(unet, args.size, args.batch)
     result["load_before"] = os.getloadavg()[0]
     with torch.no_grad():
         full, cached = forward_times(unet, x, kw, args.repeats, args.branch)
