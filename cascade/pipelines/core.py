@@ -395,8 +395,10 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
 
     # --- DeepCache step caching (cascade/deepcache.py): a setting on the decoder UNet, the cache per call
     def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0):
-        """Run the whole decoder UNet every `cache_interval` of its forward calls, in between only its levels
-        0 to `cache_branch_id`, on the deep features of the last full one (arXiv 2312.00858)."""
+        """Run the whole decoder UNet every `cache_interval` of its forward calls in a pipeline call (a
+        second-order sampler makes two a step), in between only its levels 0 to `cache_branch_id`, on the
+        deep features of the last full one (arXiv 2312.00858). The setting is the UNet's, shared by every
+        pipeline holding it; `deepcache(...)` is one thread's own."""
         for unet in self.deepcache_unets():
             unet.enable_deepcache(cache_interval, cache_branch_id)
 
