@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type, check_strength,
                    connected_prior, denoise, encode_image, encode_text, guided, noised_start, postprocess,
-                   prepare_latents, sub_pipeline, to_tensor_batch, with_next_timestep)
+                   start_latents, sub_pipeline, to_tensor_batch)
 
 
 @dataclass
@@ -53,7 +53,7 @@ class KandinskyPriorBase(DiffusionPipeline):
         return prompt + negative_prompt, 2 * negative_prompt
 
     def prior_fn(self, state):
-        def fn(x, t):
+        def fn(x, t, *_):
             return self.prior(x, timestep=t, proj_embedding=state["prompt_embeds"],
                               encoder_hidden_states=state["text_encoder_hidden_states"],
                               attention_mask=state["text_mask"]).predicted_image_embedding
@@ -73,17 +73,15 @@ class KandinskyPriorBase(DiffusionPipeline):
         on_step = self.callbacks(state, on_step_end, tensor_inputs)
         state.update(encode_text(self.tokenizer, self.text_encoder, prompt, negative_prompt, n,
                                  guidance_scale > 1))
-        self.scheduler.set_timesteps(steps, device=self.device)
+        plan, first = self.scheduler.plan(steps, device=self.device), 0
         if start is None:
-            timesteps = self.scheduler.timesteps
             shape = (len(prompt) * n, self.prior.config.embedding_dim)
-            latents = prepare_latents(shape, generator, latents, state["prompt_embeds"].dtype, self.device,
-                                      self.scheduler.init_noise_sigma)
+            latents = start_latents(self.scheduler, plan, shape, generator, latents, state["prompt_embeds"].dtype,
+                                    self.device)
         else:
-            latents, timesteps = noised_start(self.scheduler, start(), strength, steps, generator)
+            latents, first = noised_start(self.scheduler, plan, start(), strength, generator)
         model = guided(self.prior_fn(state), guidance_scale)
-        latents = denoise(model, with_next_timestep(self.scheduler, timesteps), latents, timesteps, generator,
-                          on_step, self.progress_bar)
+        latents = denoise(model, self.scheduler, plan, latents, generator, on_step, self.progress_bar, first)
         embeds = self.prior.post_process_latents(latents)
         if negative_prompt is None:
             negative = zero_image_embeds(self.image_encoder, embeds.shape[0])
@@ -200,24 +198,24 @@ class KandinskyDecoderBase(DiffusionPipeline):
         """The UNet as model(x, t); `extra` names state tensors concatenated to its input channels."""
         learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
-        def fn(x, t):
+        def fn(x, t, *_):
             x_in = torch.cat([x, *(state[k] for k in extra)], dim=1) if extra else x
             cond = {"image_embeds": state["image_embeds"],
                     **({"hint": state["hint"]} if "hint" in state else {})}
             return self.unet(x_in, t, encoder_hidden_states=None, added_cond_kwargs=cond, return_dict=False)[0]
 
         model = guided(fn, state["guidance_scale"], learned_variance=True)
-        return model if learned else (lambda x, t: model(x, t)[:, : x.shape[1]])
+        return model if learned else (lambda x, *at: model(x, *at)[:, : x.shape[1]])
 
     def encode_images(self, image, height, width):
         x = to_tensor_batch(image, height, width).to(self.device, self.movq.dtype)
         return self.movq.encode(x).latents
 
-    def sample(self, state, latents, timesteps, generator, on_step_end, tensor_inputs, legacy, before=None,
+    def sample(self, state, latents, plan, first, generator, on_step_end, tensor_inputs, legacy, before=None,
                extra=()):
         on_step = self.callbacks(state, on_step_end, tensor_inputs, legacy, before)
-        return denoise(self.unet_fn(state, extra), self.scheduler, latents, timesteps, generator, on_step,
-                       self.progress_bar)
+        return denoise(self.unet_fn(state, extra), self.scheduler, plan, latents, generator, on_step,
+                       self.progress_bar, first)
 
     def decode(self, latents, output_type, return_dict):
         if output_type != "latent":
@@ -229,11 +227,10 @@ class KandinskyDecoderBase(DiffusionPipeline):
                  output_type, return_dict):
         check_output_type(output_type)
         shape = self.latent_shape(state, height, width)
-        self.scheduler.set_timesteps(steps, device=self.device)
-        latents = prepare_latents(shape, generator, latents, state["image_embeds"].dtype, self.device,
-                                  self.scheduler.init_noise_sigma)
-        latents = self.sample(state, latents, self.scheduler.timesteps, generator, on_step_end, tensor_inputs,
-                              legacy)
+        plan = self.scheduler.plan(steps, device=self.device)
+        latents = start_latents(self.scheduler, plan, shape, generator, latents, state["image_embeds"].dtype,
+                                self.device)
+        latents = self.sample(state, latents, plan, 0, generator, on_step_end, tensor_inputs, legacy)
         return self.decode(latents, output_type, return_dict)
 
     def img2img(self, state, image, height, width, steps, strength, n, generator, legacy, on_step_end,
@@ -243,9 +240,9 @@ class KandinskyDecoderBase(DiffusionPipeline):
         self.latent_shape(state, height, width)
         image = self.per_sample("image", self.encode_images(image, height, width),
                                 {**state, "guidance_scale": 1}, n)
-        self.scheduler.set_timesteps(steps, device=self.device)
-        latents, timesteps = noised_start(self.scheduler, image, strength, steps, generator)
-        latents = self.sample(state, latents, timesteps, generator, on_step_end, tensor_inputs, legacy)
+        plan = self.scheduler.plan(steps, device=self.device)
+        latents, first = noised_start(self.scheduler, plan, image, strength, generator)
+        latents = self.sample(state, latents, plan, first, generator, on_step_end, tensor_inputs, legacy)
         return self.decode(latents, output_type, return_dict)
 
 
@@ -363,17 +360,17 @@ class KandinskyV22InpaintPipeline(KandinskyDecoderBase):
                                          guidance_scale)
         check_output_type(output_type)
         shape = self.latent_shape(state, height, width)
-        before = self.prepare_inpaint(state, image, mask_image, height, width, num_inference_steps,
-                                      num_images_per_prompt)
-        latents = prepare_latents(shape, generator, latents, state["image_embeds"].dtype, self.device,
-                                  self.scheduler.init_noise_sigma)
+        plan = self.scheduler.plan(num_inference_steps, device=self.device)
+        before = self.prepare_inpaint(state, image, mask_image, height, width, plan, num_images_per_prompt)
+        latents = start_latents(self.scheduler, plan, shape, generator, latents, state["image_embeds"].dtype,
+                                self.device)
         state["noise"] = latents.clone()
-        latents = self.sample(state, latents, self.scheduler.timesteps, generator, callback_on_step_end,
+        latents = self.sample(state, latents, plan, 0, generator, callback_on_step_end,
                               callback_on_step_end_tensor_inputs, kwargs, before,
                               ("masked_image", "mask_image"))
         return self.decode(before(-1, None, latents), output_type, return_dict)
 
-    def prepare_inpaint(self, state, image, mask_image, height, width, steps, n):
+    def prepare_inpaint(self, state, image, mask_image, height, width, plan, n):
         """Masked latents for the UNet's extra channels, and the per-step blend of the known region."""
         if isinstance(image, torch.Tensor) and (image.min() < -1 or image.max() > 1):
             raise ValueError("image: tensor values must be in [-1, 1]")
@@ -390,14 +387,12 @@ class KandinskyV22InpaintPipeline(KandinskyDecoderBase):
         # and convolutions round differently on the two layouts (1e-3 on these images).
         if x.is_contiguous(memory_format=torch.channels_last):
             known = known.contiguous(memory_format=torch.channels_last)
-        self.scheduler.set_timesteps(steps, device=self.device)
-        timesteps = self.scheduler.timesteps
 
         def blend(i, t, latents):
             keep = state["mask_image"][: state["batch"]]
             target = known
-            if 0 <= i < len(timesteps) - 1:
-                target = self.scheduler.add_noise(known, state["noise"], timesteps[i + 1: i + 2])
+            if 0 <= i < len(plan) - 1:  # the known region, noised to where the next evaluation is
+                target = self.scheduler.noise_to(plan, known, state["noise"], i + 1)
             return keep * target + (1 - keep) * latents
 
         return blend

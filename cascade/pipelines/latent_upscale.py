@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..loading import resolve
-from .core import (DiffusionPipeline, Output, check_output_type, denoise, guided, postprocess,
-                   prepare_latents, to_tensor_batch, tokenize)
+from ..schedulers import SAMPLERS
+from .core import (DiffusionPipeline, Output, check_output_type, denoise, guided, postprocess, start_latents,
+                   to_tensor_batch, tokenize)
 
 UPSCALER_REPO = "stabilityai/sd-x2-latent-upscaler"
 
@@ -22,14 +23,15 @@ class StableDiffusionPipelineOutput(Output):
     nsfw_content_detected: Any = None
 
 
-def karras_denoiser(model, scheduler):
-    """k-diffusion's denoiser around model(x, c_noise) (Karras et al. 2022, table 1): the network sees
-    c_in * x and c_noise = log(sigma) / 4; the estimate of x0 is c_skip * x + c_out * F."""
+def karras_denoiser(model):
+    """k-diffusion's denoiser around model(x, c_noise) (Karras et al. 2022, table 1), told the noise level
+    sigma of each evaluation: the network sees c_in * x and c_noise = log(sigma) / 4, and the estimate of x0
+    is c_skip * x + c_out * F. The loop hands it c_in * x already: every sampler scales its input to that
+    variance-preserving form (the Euler family divides by sqrt(sigma^2 + 1), the others keep x there)."""
 
-    def fn(x, t):
-        sigma = scheduler.current_sigma(t)
-        out = model(scheduler.scale_model_input(x, t), torch.log(sigma) * 0.25)
-        return 1 / (sigma**2 + 1) * x + sigma / (sigma**2 + 1) ** 0.5 * out
+    def fn(x_in, t, sigma):
+        c = (sigma**2 + 1) ** 0.5
+        return x_in / c + sigma / c * model(x_in, torch.log(sigma) * 0.25)
 
     return fn
 
@@ -122,6 +124,15 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
 
         return fn
 
+    def check_scheduler(self):
+        """The Karras wrapper predicts x0, so the sampler must read model outputs as samples."""
+        c = self.scheduler.config
+        if "alphas_cumprod" not in vars(self.scheduler) or c.get("prediction_type") != "sample":
+            raise ValueError(f"scheduler: the upscaler needs a sampler over a beta schedule with "
+                             f"prediction_type='sample' (any of {sorted(n for n in SAMPLERS if n != 'wuerstchen')}, "
+                             f"made with X.from_config(pipe.scheduler.config)), got {type(self.scheduler).__name__} "
+                             f"with prediction_type={c.get('prediction_type')!r}")
+
     def decode(self, latents, output_type, return_dict):
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
@@ -136,17 +147,16 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         """Upscale `image` (images or 4-channel Stable Diffusion latents, one per prompt) 2x in latent space,
         guided by `prompt`. `eta` is accepted for the reference's documented signature; Euler has no eta."""
         check_output_type(output_type)
+        self.check_scheduler()
         legacy = {"callback": callback, "callback_steps": callback_steps}
         on_step = self.callbacks({}, callback_on_step_end, callback_on_step_end_tensor_inputs, legacy)
         prompts, negative_prompt = self.prompts(prompt, negative_prompt, guidance_scale)
         low_res = self.image_batch(image, len(prompts))
         embeds, pooled = self.encode_prompt(prompts, negative_prompt, guidance_scale > 1)
         low_res = self.image_latents(low_res.to(self.device, embeds.dtype), generator)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        plan = self.scheduler.plan(num_inference_steps, device=self.device)
         shape = (len(prompts), self.vae.config.latent_channels, 2 * low_res.shape[2], 2 * low_res.shape[3])
-        latents = prepare_latents(shape, generator, latents, embeds.dtype, self.device,
-                                  self.scheduler.init_noise_sigma)
-        model = guided(karras_denoiser(self.unet_fn(low_res, embeds, pooled), self.scheduler), guidance_scale)
-        latents = denoise(model, self.scheduler, latents, self.scheduler.timesteps, generator, on_step,
-                          self.progress_bar)
+        latents = start_latents(self.scheduler, plan, shape, generator, latents, embeds.dtype, self.device)
+        model = guided(karras_denoiser(self.unet_fn(low_res, embeds, pooled)), guidance_scale)
+        latents = denoise(model, self.scheduler, plan, latents, generator, on_step, self.progress_bar)
         return self.decode(latents, output_type, return_dict)

@@ -2,13 +2,18 @@
 (256 px), and the image-variation pipeline that starts from an image's embedding instead of the prior."""
 from __future__ import annotations
 
+import contextvars
+
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from .checks import finite_stage
 from .core import (DiffusionPipeline, ImagePipelineOutput, check_output_type, denoise, encode_image,
-                   encode_text, guided, postprocess, prepare_latents, with_next_timestep)
+                   encode_text, guided, postprocess, start_latents)
+
+# The stage a call is in, per thread (contextvars): the pipeline object itself keeps no per-call state.
+_STAGE: contextvars.ContextVar = contextvars.ContextVar("unclip_stage", default=None)
 
 
 def conditioned(model, cond: dict):
@@ -16,7 +21,7 @@ def conditioned(model, cond: dict):
     there when another stage guides (the text is encoded once for all stages): this stage takes the
     conditional half."""
 
-    def fn(x, t):
+    def fn(x, t, *_):
         return model(x, t, **{k: v[-x.shape[0]:] for k, v in cond.items()}, return_dict=False)[0]
 
     return fn
@@ -28,7 +33,9 @@ class UnCLIPBase(DiffusionPipeline):
     `callback_on_step_end(pipe, i, t, kwargs)` is called after every step of every stage; `pipe.stage` says
     which ("prior", "decoder", "super_res") and `kwargs["latents"]` are that stage's latents."""
 
-    stage: str | None = None
+    @property
+    def stage(self) -> str | None:
+        return _STAGE.get()
 
     def latent_shapes(self, batch: int) -> dict[str, tuple]:
         d, s = self.decoder.config, self.super_res_first.config
@@ -48,11 +55,9 @@ class UnCLIPBase(DiffusionPipeline):
                 raise ValueError(f"{name}: expected shape {shapes[name]}, got {tuple(x.shape)}")
         return shapes
 
-    def denoise_stage(self, name: str, model, scheduler, latents, generator, callback: tuple):
-        self.stage = name
-        timesteps = scheduler.timesteps
-        return denoise(model, with_next_timestep(scheduler, timesteps), latents, timesteps, generator,
-                       self.callbacks({}, *callback), self.progress_bar)
+    def denoise_stage(self, name: str, model, scheduler, plan, latents, generator, callback: tuple):
+        _STAGE.set(name)
+        return denoise(model, scheduler, plan, latents, generator, self.callbacks({}, *callback), self.progress_bar)
 
     def decoder_stage(self, text: dict, embeds, guide: bool, steps, scale, generator, latents, shape,
                       callback):
@@ -64,30 +69,29 @@ class UnCLIPBase(DiffusionPipeline):
         # The image's extra context tokens come first and are never masked.
         mask = F.pad(text["text_mask"], (self.text_proj.config.clip_extra_context_tokens, 0), value=True)
         cond = {"encoder_hidden_states": context, "class_labels": time_embeds, "attention_mask": mask}
-        self.decoder_scheduler.set_timesteps(steps, device=self.device)
-        latents = prepare_latents(shape, generator, latents, context.dtype, self.device,
-                                  self.decoder_scheduler.init_noise_sigma)
+        scheduler = self.decoder_scheduler
+        plan = scheduler.plan(steps, device=self.device)
+        latents = start_latents(scheduler, plan, shape, generator, latents, context.dtype, self.device)
         model = guided(conditioned(self.decoder, cond), scale, learned_variance=True)
-        latents = self.denoise_stage("decoder", model, self.decoder_scheduler, latents, generator, callback)
+        latents = self.denoise_stage("decoder", model, scheduler, plan, latents, generator, callback)
         return latents.clamp(-1, 1)
 
     def super_res_stage(self, image, steps, generator, latents, shape, callback):
         """64 px -> 256 px: denoise with the upscaled image as extra input channels."""
         scheduler = self.super_res_scheduler
-        scheduler.set_timesteps(steps, device=self.device)
-        latents = prepare_latents(shape, generator, latents, image.dtype, self.device,
-                                  scheduler.init_noise_sigma)
+        plan = scheduler.plan(steps, device=self.device)
+        latents = start_latents(scheduler, plan, shape, generator, latents, image.dtype, self.device)
         # The CPU has no half-precision antialiased bicubic (the reference fails there): compute it in float32.
         low = image.float() if image.device.type == "cpu" else image
         upscaled = F.interpolate(low, size=shape[-2:], mode="bicubic", align_corners=False,
                                  antialias=True).to(image.dtype)
-        last = scheduler.timesteps[-1]
+        last = plan.timesteps[-1]
 
-        def fn(x, t):  # super_res_first on every step but the last
+        def fn(x, t, *_):  # super_res_first on every step but the last
             unet = self.super_res_last if t == last else self.super_res_first
             return unet(torch.cat([x, upscaled], dim=1), t, return_dict=False)[0]
 
-        return self.denoise_stage("super_res", fn, scheduler, latents, generator, callback)
+        return self.denoise_stage("super_res", fn, scheduler, plan, latents, generator, callback)
 
     def decode(self, text: dict, embeds, guide: bool, shapes: dict, callback: tuple, generator, steps: tuple,
                scale, latents: tuple, output_type, return_dict):
@@ -96,7 +100,7 @@ class UnCLIPBase(DiffusionPipeline):
                                    shapes["decoder_latents"], callback)
         image = self.super_res_stage(image, steps[1], generator, latents[1], shapes["super_res_latents"],
                                      callback)
-        self.stage = None
+        _STAGE.set(None)
         image = image if output_type == "latent" else postprocess(image, output_type)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
@@ -165,13 +169,13 @@ class UnCLIPPipeline(UnCLIPBase):
 
     def prior_stage(self, text: dict, steps, scale, generator, latents, shape, callback):
         """Text -> CLIP image embeddings."""
-        self.prior_scheduler.set_timesteps(steps, device=self.device)
-        latents = prepare_latents(shape, generator, latents, text["prompt_embeds"].dtype, self.device,
-                                  self.prior_scheduler.init_noise_sigma)
+        plan = self.prior_scheduler.plan(steps, device=self.device)
+        latents = start_latents(self.prior_scheduler, plan, shape, generator, latents, text["prompt_embeds"].dtype,
+                                self.device)
         cond = {"proj_embedding": text["prompt_embeds"], "attention_mask": text["text_mask"],
                 "encoder_hidden_states": text["text_encoder_hidden_states"]}
         model = guided(conditioned(self.prior, cond), scale)
-        latents = self.denoise_stage("prior", model, self.prior_scheduler, latents, generator, callback)
+        latents = self.denoise_stage("prior", model, self.prior_scheduler, plan, latents, generator, callback)
         return self.prior.post_process_latents(latents)
 
 

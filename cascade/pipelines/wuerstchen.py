@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..lora import LoraLoaderMixin
+from ..schedulers import DDPMWuerstchenScheduler
 from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type, connected_prior,
                    denoise, guided, postprocess, prepare_latents, sub_pipeline, tokenize)
 
@@ -36,11 +36,6 @@ def as_batch(name: str, x) -> torch.Tensor:
     return torch.as_tensor(x)
 
 
-def per_sample_ratio(scheduler):
-    """DDPMWuerstchenScheduler.step takes one ratio per sample; the loop passes one timestep."""
-    return SimpleNamespace(step=lambda out, t, x, **kw: scheduler.step(out, t.expand(x.shape[0]), x, **kw))
-
-
 class WuerstchenStage(DiffusionPipeline):
     """What both stages share: CLIP last hidden states, the schedule, the loop over all timesteps but 0."""
 
@@ -56,18 +51,19 @@ class WuerstchenStage(DiffusionPipeline):
         both = cond if negative is None else torch.cat([cond, negative])
         return {"text_encoder_hidden_states": both, "negative_prompt_embeds": negative}
 
-    def set_timesteps(self, num_inference_steps, timesteps) -> torch.Tensor:
+    def plan(self, num_inference_steps, timesteps):
         if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise TypeError(f"num_inference_steps must be a positive int (or pass timesteps), got "
                             f"{num_inference_steps!r}")
-        self.scheduler.set_timesteps(num_inference_steps, timesteps, self.device)  # timesteps take precedence
-        return self.scheduler.timesteps
+        if not isinstance(self.scheduler, DDPMWuerstchenScheduler):
+            # Its stages were trained on a continuous cosine schedule of noise ratios, not on beta tables.
+            raise ValueError(f"{type(self).__name__} runs only with DDPMWuerstchenScheduler (sampler "
+                             f"'wuerstchen'), got {type(self.scheduler).__name__}")
+        return self.scheduler.plan(num_inference_steps, self.device, timesteps=timesteps)  # timesteps win
 
-    def sample(self, model, guidance_scale, latents, timesteps, generator, on_step):
+    def sample(self, model, guidance_scale, latents, plan, generator, on_step):
         model = guided(model, guidance_scale, combine=torch.lerp, cond_first=True)
-        # The last timestep (0) is only the target of the final step.
-        return denoise(model, per_sample_ratio(self.scheduler), latents, timesteps[:-1], generator, on_step,
-                       self.progress_bar)
+        return denoise(model, self.scheduler, plan, latents, generator, on_step, self.progress_bar)
 
 
 class WuerstchenPriorPipeline(LoraLoaderMixin, WuerstchenStage):
@@ -88,16 +84,16 @@ class WuerstchenPriorPipeline(LoraLoaderMixin, WuerstchenStage):
         texts = (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         batch = self.check_prompts(*texts, guidance_scale)
         shape = (batch * num_images_per_prompt, self.prior.config.c_in, *self.embeddings_size(height, width))
-        timesteps = self.set_timesteps(num_inference_steps, timesteps)
+        plan = self.plan(num_inference_steps, timesteps)
         latents = prepare_latents(shape, generator, latents, self.text_encoder.dtype, self.device)
         state: dict = {}
         on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
         state.update(self.encode_prompts(*texts, num_images_per_prompt, guidance_scale > 1))
 
-        def model(x, t):
+        def model(x, t, *_):
             return self.prior(x, r=t.expand(x.shape[0]), c=state["text_encoder_hidden_states"])
 
-        latents = self.sample(model, guidance_scale, latents, timesteps, generator, on_step)
+        latents = self.sample(model, guidance_scale, latents, plan, generator, on_step)
         # The reference's denormalisation (not latents * std + mean), which its checkpoints' values assume.
         embeds = latents * self.latent_mean - self.latent_std
         embeds = embeds.cpu().float().numpy() if output_type == "np" else embeds
@@ -159,14 +155,14 @@ class WuerstchenDecoderPipeline(WuerstchenStage):
                                               guidance_scale)
         n = num_images_per_prompt
         shape = (embeds.shape[0] * n, self.decoder.config.c_in, *self.latent_size(embeds.shape))
-        timesteps = self.set_timesteps(num_inference_steps, timesteps)
+        plan = self.plan(num_inference_steps, timesteps)
         latents = prepare_latents(shape, generator, latents, self.decoder.dtype, self.device)
         state = {"image_embeddings": embeds.repeat_interleave(n, 0)}
         on_step = self.callbacks(state, callback_on_step_end, callback_on_step_end_tensor_inputs, kwargs)
         repeats = shape[0] // len(prompts)
         negative = negative and self.encode(negative, repeats)
         state.update(self.text_states(self.encode(prompts, repeats), negative))
-        latents = self.sample(self.decoder_fn(state), guidance_scale, latents, timesteps, generator, on_step)
+        latents = self.sample(self.decoder_fn(state), guidance_scale, latents, plan, generator, on_step)
         return self.decode(latents, output_type, return_dict)
 
     def decode(self, latents, output_type, return_dict):
@@ -177,7 +173,7 @@ class WuerstchenDecoderPipeline(WuerstchenStage):
         return ImagePipelineOutput(latents) if return_dict else (latents,)
 
     def decoder_fn(self, state):
-        def fn(x, t):
+        def fn(x, t, *_):
             effnet = state["image_embeddings"]
             if x.shape[0] != effnet.shape[0]:  # guiding: the unconditional half sees no image embeddings
                 effnet = torch.cat([effnet, torch.zeros_like(effnet)])

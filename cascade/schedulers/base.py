@@ -212,6 +212,10 @@ class Scheduler(Configurable):
         """x0 noised to the level of evaluation i, as the model expects x there."""
         return self.add_noise(x0, noise, plan.timesteps[i: i + 1].repeat(x0.shape[0]))
 
+    def init_sigma(self, plan: Plan):
+        """The scale of the pure noise a call starts from."""
+        return self.init_noise_sigma
+
     def levels_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[timesteps.long().cpu()]
         return ((1 - a) / a) ** 0.5

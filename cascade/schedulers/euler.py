@@ -96,7 +96,10 @@ class SigmaScheduler(Scheduler):
 
     @property
     def init_noise_sigma(self):
-        sigma = self.sigmas.max()
+        return self.init_sigma(None)
+
+    def init_sigma(self, plan):
+        sigma = (self.sigmas if plan is None else plan.sigmas).max()
         return sigma if self.config.timestep_spacing in ("linspace", "trailing") else (sigma**2 + 1) ** 0.5
 
     def schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,167 @@
+"""Quality against steps for every sampler on the demo model (issue 13), and time per image.
+
+For each sampler at 10, 15, 20 and 25 decoder steps (the prior at its defaults), the three scores of
+cascade.demo_world.read over the same captions as benchmarks/demo.py (image i with seed i), next to the
+defaults (100 DDPM steps); DeepCache at intervals 2, 3 and 5 on the defaults and on the fastest sampler
+setting; whole-call seconds per image (prior, decoder, MoVQ) for each setting, and the reference's best
+(its DDIM or DPM-Solver++ at the fewest steps within 2 points of the defaults; its scores equal ours there,
+as the parity tests show). The prior runs once per caption: each image's generator state after the prior is
+kept and restored for every decoder setting, which draws exactly what the combined pipeline draws.
+
+    python benchmarks/samplers.py [--n 200] [--runs 3] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).parent))
+from demo import SIZE, reference_pipeline, world  # noqa: E402
+
+from cascade import KandinskyV22CombinedPipeline  # noqa: E402
+from cascade import demo_world as dw  # noqa: E402
+from cascade.schedulers import SAMPLERS, scheduler_for  # noqa: E402
+
+SAMPLER_NAMES = [n for n in SAMPLERS if n not in ("unclip", "wuerstchen")]
+STEPS = (10, 15, 20, 25)
+KEYS = ("shape_colour", "background_colour", "shape")
+
+
+def prior_states(pipe, captions):
+    """Prior embeddings of every caption (defaults, generator i) and each generator's state after them."""
+    embeds, negative, states = [], [], []
+    prior = pipe.prior_pipe
+    prior.set_progress_bar_config(disable=True)
+    for lo in range(0, len(captions), 50):
+        gens = [torch.Generator().manual_seed(i) for i in range(lo, min(len(captions), lo + 50))]
+        e, n = prior(captions[lo: lo + 50], generator=gens, return_dict=False)
+        embeds.append(e), negative.append(n), states.extend(g.get_state() for g in gens)
+    return torch.cat(embeds), torch.cat(negative), states
+
+
+def decode_all(pipe, embeds, negative, states, **call):
+    decoder = pipe.decoder_pipe
+    decoder.set_progress_bar_config(disable=True)
+    images = []
+    for lo in range(0, len(states), 50):
+        gens = []
+        for s in states[lo: lo + 50]:
+            g = torch.Generator()
+            g.set_state(s)
+            gens.append(g)
+        images.extend(decoder(image_embeds=embeds[lo: lo + 50], negative_image_embeds=negative[lo: lo + 50],
+                              generator=gens, **SIZE, **call).images)
+    return images
+
+
+def variant(pipe, sampler, deepcache=None):
+    other = type(pipe).from_pipe(pipe, scheduler=scheduler_for(sampler, pipe.scheduler.config))
+    if deepcache:
+        other.enable_deepcache(cache_interval=deepcache)
+    return other
+
+
+def seconds(pipe, caption, runs, **call):
+    pipe.set_progress_bar_config(disable=True)
+    times = []
+    for _ in range(runs + 1):  # the first call warms up
+        start = time.perf_counter()
+        pipe(caption, **SIZE, generator=torch.Generator().manual_seed(0), **call)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def plot(rows, path: Path):
+    """Shape score and seconds per image against decoder steps, one line per sampler (PIL only)."""
+    w, h, pad = 900, 380, 50
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    panels = [("shape score (%)", "shape", 50, 100), ("seconds per image", "seconds", 0, None)]
+    top = max(r["seconds"] for r in rows if r.get("seconds")) * 1.1
+    for p, (title, key, lo, hi) in enumerate(panels):
+        hi = hi or top
+        x0, x1, y0, y1 = pad + p * w // 2, (p + 1) * w // 2 - 20, pad, h - pad
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, y0 - 20), f"{title} against decoder steps (10-25)", fill="black")
+        for k, name in enumerate(SAMPLER_NAMES):
+            pts = [(x0 + (r["steps"] - 10) / 15 * (x1 - x0), y1 - (r[key] - lo) / (hi - lo) * (y1 - y0))
+                   for r in rows if r["sampler"] == name and r.get(key) is not None and r.get("deepcache") is None]
+            if len(pts) > 1:
+                draw.line(pts, fill=palette[k % len(palette)], width=2)
+            if p == 0:
+                draw.text((x1 - 110, y1 - 15 - 13 * k), name, fill=palette[k % len(palette)])
+        for v in (lo, (lo + hi) / 2, hi):
+            draw.text((x0 - 40, y1 - (v - lo) / (hi - lo) * (y1 - y0) - 6), f"{v:.3g}", fill="black")
+    img.save(path)
+
+
+def scores_table(pipe, captions, embeds, negative, states, settings):
+    rows = []
+    for sampler, steps, deepcache in settings:
+        images = decode_all(variant(pipe, sampler, deepcache), embeds, negative, states, num_inference_steps=steps)
+        s = dw.score(images, captions)
+        rows.append({"sampler": sampler, "steps": steps, "deepcache": deepcache,
+                     **{k: round(100 * s[k], 1) for k in KEYS}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = KandinskyV22CombinedPipeline.from_pretrained("demo")
+    captions = [c for _, c, _ in world(args.n)]
+    embeds, negative, states = prior_states(pipe, captions)
+    settings = [("ddpm", 100, None)] + [(s, n, None) for s in args.samplers.split(",") for n in STEPS]
+    rows = scores_table(pipe, captions, embeds, negative, states, settings)
+    base = rows[0]
+    within = [r for r in rows[1:] if all(base[k] - r[k] <= 2 for k in KEYS)]
+    fastest = min(within, key=lambda r: r["steps"] * (2 if r["sampler"] == "heun" else 1)) if within else None
+    cached = [(base["sampler"], 100, k) for k in (2, 3, 5)]
+    if fastest:
+        cached += [(fastest["sampler"], fastest["steps"], k) for k in (2, 3, 5)]
+    if hasattr(pipe, "enable_deepcache"):
+        rows += scores_table(pipe, captions, embeds, negative, states, cached)
+    caption = captions[0]
+    for r in rows:  # whole calls, the defaults timed between every setting (this machine drifts)
+        other = variant(pipe, r["sampler"], r["deepcache"])
+        r["seconds"] = seconds(other, caption, args.runs, num_inference_steps=r["steps"])
+        r["ratio"] = r["seconds"] / seconds(pipe, caption, 1)
+        print(json.dumps(r), flush=True)
+    ref_rows = [r for r in rows[1:] if r["sampler"] in ("ddim", "dpm++2m") and r["deepcache"] is None
+                and all(base[k] - r[k] <= 2 for k in KEYS)]
+    summary = {}
+    if ref_rows:
+        best = min(ref_rows, key=lambda r: r["steps"])
+        import diffusers
+
+        ref = reference_pipeline("demo")
+        cls, overrides = SAMPLERS[best["sampler"]]
+        ref.scheduler = getattr(diffusers, cls).from_config({**dict(ref.scheduler.config), **overrides})
+        theirs = seconds(ref, caption, args.runs, num_inference_steps=best["steps"])
+        ours_best = min((r for r in rows if all(base[k] - r[k] <= 2 for k in KEYS) and r is not base),
+                        key=lambda r: r["seconds"])
+        summary = {"reference_best": {**best, "reference_seconds": theirs}, "ours_best": ours_best,
+                   "ours_best_vs_defaults": ours_best["seconds"] / base["seconds"],
+                   "ours_best_vs_reference_best": ours_best["seconds"] / theirs}
+        print(json.dumps(summary), flush=True)
+    (args.out / "samplers.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    plot(rows, args.out / "samplers.png")
+
+
+if __name__ == "__main__":
+    main()
