@@ -59,74 +59,9 @@ class ImagePipelineOutput(Output):
     images: Any
 
 
-# --------------------------------------------------------------------------------------------- the loop
-
-def denoise(model, scheduler, x, timesteps, generator=None, on_step=None, progress=iter):
-    """Walk the reverse process over `timesteps`; the only sampling loop in cascade."""
-    for i, t in enumerate(progress(timesteps)):
-        x = scheduler.step(model(x, t), t, x, generator=generator, return_dict=False)[0]
-        if on_step is not None:
-            x = on_step(i, t, x)
-    return x
-
-
-def cfg(uncond, cond, scale):
-    return uncond + scale * (cond - uncond)
-
-
-def guided(model, scale, combine=cfg, cond_first=False, learned_variance=False):
-    """Wrap model(x, t), whose conditioning is batched [uncond, cond], into one guided forward."""
-    if scale <= 1:
-        return model
-
-    def fn(x, t):
-        out = model(torch.cat([x, x]), t)
-        if learned_variance:  # guide the mean only; the reference keeps the conditional variance
-            out, var = out.split(x.shape[1], dim=1)
-            var = var.chunk(2)[0 if cond_first else 1]
-        first, second = out.chunk(2)
-        cond, uncond = (first, second) if cond_first else (second, first)
-        out = combine(uncond, cond, scale)
-        return torch.cat([out, var], dim=1) if learned_variance else out
-
-    return fn
-
-
-def prepare_latents(shape, generator, latents, dtype, device, sigma=1.0):
-    if isinstance(generator, list) and len(generator) != shape[0]:
-        raise ValueError(f"generator: got a list of {len(generator)}, the batch has {shape[0]} samples")
-    if latents is None:
-        latents = randn_tensor(shape, generator, device, dtype)
-    elif tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
-    return latents.to(device) * sigma
-
-
-def noised_start(scheduler, x0, strength, num_inference_steps, generator):
-    """img2img: noise x0 to where `strength` of the schedule remains; returns (latents, timesteps left)."""
-    kept = min(int(num_inference_steps * strength), num_inference_steps)
-    timesteps = scheduler.timesteps[max(num_inference_steps - kept, 0) * scheduler.order:]
-    if len(timesteps) == 0:
-        raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step")
-    noise = randn_tensor(x0.shape, generator, x0.device, x0.dtype)
-    return scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0])), timesteps
-
-
-def check_strength(strength):
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-
-
-class with_next_timestep:
-    """UnCLIPScheduler.step wants the next timestep too; the loop passes only the current one."""
-
-    def __init__(self, scheduler, timesteps):
-        self.scheduler, self.timesteps, self.i = scheduler, timesteps, 0
-
-    def step(self, out, t, x, generator=None, return_dict=False):
-        nxt = self.timesteps[self.i + 1] if self.i + 1 < len(self.timesteps) else None
-        self.i += 1
-        return self.scheduler.step(out, t, x, prev_timestep=nxt, generator=generator, return_dict=return_dict)
+# The sampling loop, guidance and latents live in sampling.py; pipelines import them from here too.
+from .sampling import (cfg, check_strength, denoise, guided, noised_start, prepare_latents,  # noqa: E402,F401
+                       start_latents)
 
 
 def tokenize(tokenizer, texts):
