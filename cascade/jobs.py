@@ -288,9 +288,10 @@ def prepare(recipe: Recipe, models: Models, root: Path | str | None = None,
                            else None)
     kw, used = call_kwargs(recipe.replace(size=size), cls, base)
     check_sampler(recipe.scheduler, base)
-    if recipe.deepcache is not None and not hasattr(base, "enable_deepcache"):
-        raise RecipeError("deepcache", f"{base.__name__} has no DeepCache in this version of cascade")
     pipe, sampler = per_call(models.pipeline(folder, base, recipe.dtype, recipe.device), recipe.scheduler)
+    cacheable = any(hasattr(m, "enable_deepcache") for m in pipe.modules().values())
+    if recipe.deepcache is not None and not cacheable:
+        raise RecipeError("deepcache", f"{base.__name__} has no UNet2DConditionModel decoder for DeepCache")
     used.update(scheduler=sampler, dtype=str(pipe.dtype).removeprefix("torch."), device=str(pipe.device))
     return Job(recipe.replace(**used), pipe, cls, {**kw, **inputs})
 

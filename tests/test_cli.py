@@ -219,6 +219,11 @@ def test_wuerstchen_generate(wuerstchen_root, tmp_path, capsys):
     assert code == 0 and PIL.Image.open(out.strip()).text["scheduler"] == "wuerstchen"
     code, again, _ = cli(capsys, "generate", "--from", out.strip(), "-q", "--out", tmp_path)
     assert code == 0 and np.array_equal(pixels(again.strip()), pixels(out.strip()))
+    for option, words in (("--deepcache", "no UNet2DConditionModel"), ("--scheduler", "runs with wuerstchen")):
+        code, _, err = cli(capsys, "generate", "--from", out.strip(), "-q", "--out", tmp_path, option,
+                           "2" if option == "--deepcache" else "ddim")
+        assert code == 1 and err.startswith(f"cascade: error: {option}: ") and words in err
+    assert len(list(tmp_path.glob("*.png"))) == 2
 
 
 def test_upscale(request, tmp_path, capsys):
