@@ -8,7 +8,7 @@ start (from the batch's submission to its constructor, torch imported) and its m
 pipeline built from its folder). The load average is printed before and after: other work on the machine
 shares its cores.
 
-    python benchmarks/ray_batch.py [--n 32] [--steps 20] [--prior-steps 10] [--json]
+    python benchmarks/ray_batch.py [--n 32] [--steps 20] [--prior-steps 10] [--only local,ray1,ray2]
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def jobs_file(folder: Path, n: int) -> Path:
     return path
 
 
-def local(jobs: Path, out: Path, defaults: dict) -> dict:
-    """The local batch's loop (what `cascade batch` runs without --ray), 2 threads, load timed apart."""
-    torch.set_num_threads(2)
+def local(jobs: Path, out: Path, defaults: dict, threads: int) -> dict:
+    """The local batch's loop (what `cascade batch` runs without --ray), load timed apart."""
+    torch.set_num_threads(threads)
     models, lines = Models(), read_jobs(jobs)
     start = time.perf_counter()
     records = [run_line(lines[0], defaults, out, models, jobs.parent)]
@@ -63,6 +63,9 @@ def on_ray(jobs: Path, out: Path, defaults: dict, actors: int) -> dict:
     return {"wall_s": round(end - submitted, 2), "images": images,
             "wall_per_min": round(60 * images / (end - submitted), 1),
             "steady_per_min": round(60 * images / (end - ready), 1), "actors_seen": len(workers),
+            # Ray's own time per line: the actors' wall time after loading, less the time inside run_line.
+            "overhead_per_line_ms": round(1000 * ((end - ready) * len(workers) - sum(r["seconds"] for r in
+                                                                                   records)) / len(records)),
             "actor_start_s": sorted(round(w["started"] - submitted, 2) for w in workers),
             "model_load_s": sorted(w["load_seconds"] for w in workers)}
 
@@ -78,30 +81,38 @@ def main():
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prior-steps", type=int, default=10)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--only", default="local,ray1,ray2", help="which runs, comma-separated: local (2 "
+                   "threads), local1 (1 thread), ray1, ray2 (each under 3 minutes on a quiet 2-core machine)")
     a = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a loopback-only cluster
     defaults = {"model": "demo", "steps": a.steps, "prior_steps": a.prior_steps}
-    found = {"load_before": os.getloadavg(), "n": a.n, "steps": a.steps, "prior_steps": a.prior_steps}
+    runs = a.only.split(",")
+    say = lambda key, value: print(f"{key}: {json.dumps(value)}", flush=True)  # noqa: E731
+    say("setup", {"n": a.n, "steps": a.steps, "prior_steps": a.prior_steps, "load": os.getloadavg()})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         jobs = jobs_file(root, a.n)
-        found["local"] = local(jobs, root / "local", defaults)
-        import ray
+        for threads in [k for k in (2, 1) if ("local" if k == 2 else "local1") in runs]:
+            found = local(jobs, root / f"local{threads}", defaults, threads)
+            say(f"local, 1 process, {threads} threads", found)
+        if "ray1" in runs or "ray2" in runs:
+            import ray
 
-        start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        found["cluster_start_s"] = round(time.perf_counter() - start, 2)
-        for actors in (1, 2):
-            found[f"ray_{actors}"] = on_ray(jobs, root / f"ray{actors}", defaults, actors)
-        start = time.perf_counter()
-        ray.shutdown()
-        found["cluster_stop_s"] = round(time.perf_counter() - start, 2)
-        found["same_bytes_ray1_ray2"] = same_files(root / "ray1", root / "ray2")
-        found["same_bytes_local_ray1"] = same_files(root / "local", root / "ray1")
-        found["png_bytes_mean"] = round(sum(p.stat().st_size for p in (root / "ray2").glob("*.png")) / a.n)
-    found["load_after"] = os.getloadavg()
-    print(json.dumps(found, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in found.items()))
+            start = time.perf_counter()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            say("cluster_start_s", round(time.perf_counter() - start, 2))
+            for actors in [k for k in (1, 2) if f"ray{k}" in runs]:
+                found = on_ray(jobs, root / f"ray{actors}", defaults, actors)
+                say(f"ray, {actors} actor(s), 1 thread each", found)
+            start = time.perf_counter()
+            ray.shutdown()
+            say("cluster_stop_s", round(time.perf_counter() - start, 2))
+        made = [d for d in ("local2", "local1", "ray1", "ray2") if (root / d).is_dir()]
+        for a_, b_ in zip(made, made[1:]):
+            say(f"same bytes {a_} {b_}", same_files(root / a_, root / b_))
+        if made:
+            say("png_bytes_mean", round(sum(p.stat().st_size for p in (root / made[-1]).glob("*.png")) / a.n))
+    say("load_after", os.getloadavg())
 
 
 if __name__ == "__main__":
