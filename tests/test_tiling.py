@@ -110,7 +110,8 @@ def test_pipeline_switches_reach_the_movq():
     pipe = KandinskyV22Pipeline.from_pretrained("demo")
     pipe.set_progress_bar_config(disable=True)
     embeds = torch.randn(1, pipe.unet.config.encoder_hid_dim, generator=torch.Generator().manual_seed(0))
-    args = dict(image_embeds=embeds, negative_image_embeds=-embeds, height=64, width=64, num_inference_steps=2,
+    args = dict(image_embeds=embeds, negative_image_embeds=-embeds, height=64, width=64,
+                num_inference_steps=2,
                 output_type="np")
 
     def run():

@@ -16,7 +16,7 @@ import torch
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles covering [0, size): a stride of tile - overlap, the last one flush with the end."""
+    """Start offsets of tiles covering [0, size): a stride of tile - overlap, the last flush with the end."""
     if size <= tile:
         return [0]
     starts = list(range(0, size - tile, tile - overlap))
@@ -67,7 +67,7 @@ class TiledDecoding:
     def enable_tiling(self, tile_size: int = 64, overlap: int = 16) -> None:
         """Decode latents larger than tile_size (in latent positions) in tiles overlapping by `overlap`."""
         if not isinstance(tile_size, int) or tile_size < 2:
-            raise ValueError(f"tile_size: expected an integer of at least 2 latent positions, got {tile_size!r}")
+            raise ValueError(f"tile_size: expected an integer of at least 2, got {tile_size!r}")
         if not isinstance(overlap, int) or not 0 < overlap <= tile_size // 2:
             raise ValueError(f"overlap: expected an integer in [1, tile_size // 2 = {tile_size // 2}], "
                              f"got {overlap!r}")
