@@ -103,7 +103,7 @@ class no_init(TorchFunctionMode):
     """Inside, nn.init's functions leave tensors as they are: a load replaces every value they would compute,
     and some of them on the meta device cost seconds (`normal_` there imports torch._dynamo)."""
 
-    skipped = frozenset(getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+    skipped = frozenset(getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and n[0] != "_")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self.skipped:
