@@ -168,6 +168,21 @@ def test_ray_missing_is_one_line(jobs, tmp_path, capsys, monkeypatch):
                    "pip install 'cascade-diffusion[ray]'"]
 
 
+def test_bad_ray_options_are_one_line_before_anything_starts(jobs, tmp_path, capsys):
+    from cascade.server import add_arguments
+    from cascade.server.ray_serve import deployment_options
+
+    assert main(["batch", str(jobs), "--out", str(tmp_path), *OPTIONS, "--ray", "--actors", "0"]) == 1
+    assert capsys.readouterr().err == "cascade: error: --actors: expected a positive integer, got 0\n"
+    parse = add_arguments(ArgumentParser()).parse_args
+    assert deployment_options(parse(["demo", "--ray", "--replicas", "3"]))["num_replicas"] == 3
+    scaling = deployment_options(parse(["demo", "--ray", "--min-replicas", "1", "--max-replicas", "4"]))
+    assert scaling["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                             "target_ongoing_requests": 1}
+    with pytest.raises(ValueError, match="--min-replicas 5 / --max-replicas 2"):
+        deployment_options(parse(["demo", "--ray", "--min-replicas", "5", "--max-replicas", "2"]))
+
+
 def test_cascade_without_ray_never_imports_it():
     code = ("import sys, argparse, cascade, cascade.cli, cascade.jobs, cascade.batch, cascade.server.app; "
             "from cascade.server import add_arguments; add_arguments(argparse.ArgumentParser()); "
