@@ -13,8 +13,9 @@ figures to out/perf/results.jsonl, so several short runs add up to one table (`-
 The medium job is the Kandinsky 2.2 decoder with the real block types at reduced width (UNet 134 M,
 MoVQ 17 M parameters, random weights saved once in the reference's format), 256 x 256, guidance 4.
 Peak memory: the worker's ru_maxrss (everything: torch runtime, weights, activations), its resident size
-after import and after loading; with CUDA, the allocator's peak. TFLOP/s counts the decoder step's
-operations with FlopCounterMode on the meta device (exact, independent of the load).
+after import and after loading; with CUDA, the allocator's peak. TFLOP/s: the decoder steps' operations
+(FlopCounterMode on the meta device: exact, independent of the load) over the call's wall time, MoVQ
+decode included, so a lower bound on the steps' own rate.
 """
 from __future__ import annotations
 
@@ -54,14 +55,19 @@ def build(folder: Path, job: dict):
     pipe.save_pretrained(folder)
 
 
-def decoder_flops(pipe, size: int) -> float:
-    """Operations of one guided decoder step (a UNet forward on a batch of two), counted on meta tensors."""
+def decoder_flops(folder: str, size: int) -> float:
+    """Operations of one guided decoder step (a UNet forward on a batch of two), counted on meta tensors with
+    cascade's UNet built from the folder's config (both libraries run the same architecture)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    c = pipe.unet.config
+    from cascade import UNet2DConditionModel
+    from cascade.config import read_json
+
+    path = Path(folder) / "unet" / "config.json"
     with torch.device("meta"):
-        unet = type(pipe.unet)(c)
+        unet = UNet2DConditionModel(UNet2DConditionModel.config_class.from_dict(read_json(path), str(path)))
+        c = unet.config
         x = torch.randn(2, c.in_channels, size // 8, size // 8)
         embeds = torch.randn(2, c.encoder_hid_dim)
         with FlopCounterMode(display=False) as counter:
@@ -101,7 +107,7 @@ def worker(lib: str, folder: str, a) -> dict:
                   import_s=t_import, load_s=t_load, call_s=t_call, peak_mb=peak, rss_import_mb=rss_import,
                   rss_load_mb=rss_load, finite=bool(__import__("numpy").isfinite(image).all()))
     if a.peak_tflops:
-        flops = decoder_flops(pipe, a.size) * a.steps
+        flops = decoder_flops(folder, a.size) * a.steps
         result.update(tflops=flops / t_call / 1e12, peak_fraction=flops / t_call / 1e12 / a.peak_tflops)
     return result
 
