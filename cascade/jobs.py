@@ -341,13 +341,8 @@ class Job:
               "prior_callback_on_step_end": step_hook("prior", totals, on_step, cancel),
               "callback_on_step_end": step_hook("upscale" if r.task == "upscale" else "decoder", totals,
                                                 on_step, cancel)}
-        if r.deepcache is not None:
-            self.pipe.enable_deepcache(cache_interval=r.deepcache, cache_branch_id=0)
-        try:
+        with self.pipe.deepcache(r.deepcache):  # this job's own, not the UNet's shared setting (None: off)
             image = images_for(self.pipe, self.cls, kw)[0]
-        finally:
-            if r.deepcache is not None:
-                self.pipe.disable_deepcache()
         return Result(r.replace(seed=seed, n=1), image, time.perf_counter() - start)
 
 

@@ -256,7 +256,8 @@ def test_every_pipeline_with_a_unet_decoder_takes_it_and_the_others_raise(kandin
             pipe.enable_deepcache()
         with pytest.raises(ValueError, match="has no UNet2DConditionModel decoder"):
             pipe.deepcache(cache_interval=3)
-        pipe.disable_deepcache()  # nothing to switch off
+        with pipe.deepcache(None):  # nothing to switch off
+            pipe.disable_deepcache()
 
 
 def test_on_the_demo_the_picture_stays_close_and_keeps_its_caption():

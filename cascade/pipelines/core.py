@@ -344,9 +344,9 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
     def deepcache(self, cache_interval: int | None = 3, cache_branch_id: int = 0):
         """A `with` block in which the calls this thread makes use these settings (None: off) instead of
         enable_deepcache's; other threads' calls on this pipeline are untouched (a request's own option)."""
-        unets = self.deepcache_unets()
-        if cache_interval is None:
+        if cache_interval is None:  # off, which any pipeline can be
             return deepcache_using(None)
+        unets = self.deepcache_unets()
         return deepcache_using([u.deepcache_settings(cache_interval, cache_branch_id) for u in unets][0])
 
     def deepcache_unets(self) -> list:
