@@ -177,7 +177,8 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigma, sigma_to, sample = plan.sigmas[i], plan.sigmas[i + 1], x.to(torch.float32)
         x0 = x0_of(self.config.prediction_type, out, sample, sigma)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        # Clamped: from a huge first sigma (cosine schedules reach 2e4) rounding can make the difference < 0.
+        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
         prev = prev + self.noise_like(out, generator) * sigma_up
         return prev.to(out.dtype), x0
