@@ -13,6 +13,7 @@ kept and restored for every decoder setting, which draws exactly what the combin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -62,11 +63,13 @@ def decode_all(pipe, embeds, negative, states, **call):
     return images
 
 
-def variant(pipe, sampler, deepcache=None):
-    other = type(pipe).from_pipe(pipe, scheduler=scheduler_for(sampler, pipe.scheduler.config))
-    if deepcache:
-        other.enable_deepcache(cache_interval=deepcache)
-    return other
+def variant(pipe, sampler):
+    return type(pipe).from_pipe(pipe, scheduler=scheduler_for(sampler, pipe.scheduler.config))
+
+
+def cached(pipe, deepcache):
+    """DeepCache for this thread's calls in the block (a no-op block when deepcache is None)."""
+    return pipe.deepcache(deepcache) if deepcache else contextlib.nullcontext()
 
 
 def seconds(pipe, caption, runs, **call):
@@ -107,12 +110,50 @@ def plot(rows, path: Path):
 def scores_table(pipe, captions, embeds, negative, states, settings):
     rows = []
     for sampler, steps, deepcache in settings:
-        images = decode_all(variant(pipe, sampler, deepcache), embeds, negative, states, num_inference_steps=steps)
+        with cached(pipe, deepcache):
+            images = decode_all(variant(pipe, sampler), embeds, negative, states, num_inference_steps=steps)
         s = dw.score(images, captions)
         rows.append({"sampler": sampler, "steps": steps, "deepcache": deepcache,
                      **{k: round(100 * s[k], 1) for k in KEYS}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def score_phase(args, pipe, captions):
+    embeds, negative, states = prior_states(pipe, captions)
+    settings = [("ddpm", 100, None)] + [(s, n, None) for s in args.samplers.split(",") for n in STEPS]
+    rows = scores_table(pipe, captions, embeds, negative, states, settings)
+    base = rows[0]
+    within = [r for r in rows[1:] if all(base[k] - r[k] <= 2 for k in KEYS)]
+    fastest = min(within, key=lambda r: r["steps"] * (2 if r["sampler"] == "heun" else 1)) if within else None
+    caching = [(base["sampler"], 100, k) for k in (2, 3, 5)]
+    if fastest:
+        caching += [(fastest["sampler"], fastest["steps"], k) for k in (2, 3, 5)]
+    return rows + scores_table(pipe, captions, embeds, negative, states, caching)
+
+
+def time_phase(args, pipe, rows, caption):
+    """Whole calls, one image; the defaults timed again after every setting (this machine drifts)."""
+    base = rows[0]
+    for r in rows:
+        with cached(pipe, r["deepcache"]):
+            r["seconds"] = seconds(variant(pipe, r["sampler"]), caption, args.runs, num_inference_steps=r["steps"])
+        r["ratio"] = r["seconds"] / seconds(pipe, caption, 1)
+        print(json.dumps(r), flush=True)
+    good = [r for r in rows[1:] if all(base[k] - r[k] <= 2 for k in KEYS)]
+    ref_rows = [r for r in good if r["sampler"] in ("ddim", "dpm++2m") and r["deepcache"] is None]
+    if not ref_rows:
+        return {}
+    best = min(ref_rows, key=lambda r: r["steps"])
+    import diffusers
+
+    ref = reference_pipeline("demo")
+    cls, overrides = SAMPLERS[best["sampler"]]
+    ref.scheduler = getattr(diffusers, cls).from_config({**dict(ref.scheduler.config), **overrides})
+    theirs = seconds(ref, caption, args.runs, num_inference_steps=best["steps"])
+    ours_best = min(good, key=lambda r: r["seconds"])
+    return {"reference_best": {**best, "reference_seconds": theirs}, "ours_best": ours_best,
+            "ours_best_vs_defaults": ours_best["ratio"], "ours_best_vs_reference_best": ours_best["seconds"] / theirs}
 
 
 def main(argv=None):
@@ -121,46 +162,19 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
+    parser.add_argument("--phase", choices=("scores", "times", "both"), default="both",
+                        help="times reads the scores a scores run saved (timing wants a quiet machine)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = KandinskyV22CombinedPipeline.from_pretrained("demo")
     captions = [c for _, c, _ in world(args.n)]
-    embeds, negative, states = prior_states(pipe, captions)
-    settings = [("ddpm", 100, None)] + [(s, n, None) for s in args.samplers.split(",") for n in STEPS]
-    rows = scores_table(pipe, captions, embeds, negative, states, settings)
-    base = rows[0]
-    within = [r for r in rows[1:] if all(base[k] - r[k] <= 2 for k in KEYS)]
-    fastest = min(within, key=lambda r: r["steps"] * (2 if r["sampler"] == "heun" else 1)) if within else None
-    cached = [(base["sampler"], 100, k) for k in (2, 3, 5)]
-    if fastest:
-        cached += [(fastest["sampler"], fastest["steps"], k) for k in (2, 3, 5)]
-    if hasattr(pipe, "enable_deepcache"):
-        rows += scores_table(pipe, captions, embeds, negative, states, cached)
-    caption = captions[0]
-    for r in rows:  # whole calls, the defaults timed between every setting (this machine drifts)
-        other = variant(pipe, r["sampler"], r["deepcache"])
-        r["seconds"] = seconds(other, caption, args.runs, num_inference_steps=r["steps"])
-        r["ratio"] = r["seconds"] / seconds(pipe, caption, 1)
-        print(json.dumps(r), flush=True)
-    ref_rows = [r for r in rows[1:] if r["sampler"] in ("ddim", "dpm++2m") and r["deepcache"] is None
-                and all(base[k] - r[k] <= 2 for k in KEYS)]
-    summary = {}
-    if ref_rows:
-        best = min(ref_rows, key=lambda r: r["steps"])
-        import diffusers
-
-        ref = reference_pipeline("demo")
-        cls, overrides = SAMPLERS[best["sampler"]]
-        ref.scheduler = getattr(diffusers, cls).from_config({**dict(ref.scheduler.config), **overrides})
-        theirs = seconds(ref, caption, args.runs, num_inference_steps=best["steps"])
-        ours_best = min((r for r in rows if all(base[k] - r[k] <= 2 for k in KEYS) and r is not base),
-                        key=lambda r: r["seconds"])
-        summary = {"reference_best": {**best, "reference_seconds": theirs}, "ours_best": ours_best,
-                   "ours_best_vs_defaults": ours_best["seconds"] / base["seconds"],
-                   "ours_best_vs_reference_best": ours_best["seconds"] / theirs}
-        print(json.dumps(summary), flush=True)
-    (args.out / "samplers.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
-    plot(rows, args.out / "samplers.png")
+    path = args.out / "samplers.json"
+    rows = score_phase(args, pipe, captions) if args.phase != "times" else json.loads(path.read_text())["rows"]
+    summary = time_phase(args, pipe, rows, captions[0]) if args.phase != "scores" else {}
+    path.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    print(json.dumps(summary), flush=True)
+    if args.phase != "scores":
+        plot(rows, args.out / "samplers.png")
 
 
 if __name__ == "__main__":
