@@ -168,10 +168,10 @@ def test_two_threads_on_one_pipeline_get_the_images_of_two_calls(kandinsky_root)
     calls = [dict(prompt=p, generator=torch.Generator().manual_seed(s), num_inference_steps=8,
                   prior_num_inference_steps=6, height=64, width=64, output_type="np")
              for p, s in (("a red cat", 1), ("a blue dog", 2))]
+    results = [None, None]
+    torch.set_num_threads(1)  # both threads really interleave their steps (and kernels round alike)
     alone = [pipe(**{**c, "generator": torch.Generator().manual_seed(s)}).images
              for c, s in zip(calls, (1, 2))]
-    results = [None, None]
-    torch.set_num_threads(1)  # both threads really interleave their steps
 
     def work(k):
         results[k] = pipe(**calls[k]).images

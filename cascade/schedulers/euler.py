@@ -155,7 +155,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def update(self, plan, out, i, x, generator=None, s_churn: float = 0.0, s_tmin: float = 0.0,
                s_tmax: float = float("inf"), s_noise: float = 1.0, **_):
-        sigma, sample = plan.sigmas[i], x.to(torch.float32)
+        out, sigma, sample = out[:, : x.shape[1]], plan.sigmas[i], x.to(torch.float32)  # no learned variance
         # Churn: raise the noise level to sigma_hat by adding fresh noise before the Euler step.
         gamma = min(s_churn / (len(plan.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
@@ -174,7 +174,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     config_class = EulerAncestralDiscreteSchedulerConfig
 
     def update(self, plan, out, i, x, generator=None, **_):
-        sigma, sigma_to, sample = plan.sigmas[i], plan.sigmas[i + 1], x.to(torch.float32)
+        out, sigma, sigma_to, sample = out[:, : x.shape[1]], plan.sigmas[i], plan.sigmas[i + 1], x.to(torch.float32)
         x0 = x0_of(self.config.prediction_type, out, sample, sigma)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         # Clamped: from a huge first sigma (cosine schedules reach 2e4) rounding can make the difference < 0.
@@ -198,7 +198,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
                     num_inference_steps=num_inference_steps, order=2)
 
     def update(self, plan, out, i, x, generator=None, **_):
-        memory, kind = plan.memory, self.config.prediction_type
+        memory, kind, out = plan.memory, self.config.prediction_type, out[:, : x.shape[1]]
         first = "dt" not in memory
         sigma, sigma_next = (plan.sigmas[i], plan.sigmas[i + 1]) if first else (plan.sigmas[i - 1], plan.sigmas[i])
         x0 = x0_of(kind, out, x, sigma if first else sigma_next)
