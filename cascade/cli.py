@@ -327,7 +327,8 @@ GENERATION = {
                                         "euler-a, heun (what a model takes: cascade info MODEL)")),
     "deepcache": (["--deepcache"], dict(type=positive_int, metavar="N", help="DeepCache: run the whole "
                                         "decoder UNet every N steps, only its shallow blocks in between")),
-    "dtype": (["--dtype"], dict(choices=("float32", "float16", "bfloat16"), help="weights' dtype")),
+    "dtype": (["--dtype"], dict(choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
+                                help="weights' dtype (bf16: the fast CPU path)")),
     "device": (["--device"], dict(help="cpu (default), cuda, cuda:1, mps, ...")),
     "out": (["--out"], dict(default=".", metavar="DIR", help="folder to write to (default: .)")),
     "overwrite": (["--overwrite"], dict(action="store_true", help="replace files, no new names")),

@@ -127,6 +127,13 @@ def _choice(choices):
     return check
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _dtype(field, value):
+    return _choice(DTYPES)(field, DTYPE_ALIASES.get(value, value))
+
+
 def _scheduler(field, value):
     from .schedulers import SAMPLERS
 
@@ -141,7 +148,7 @@ CHECKS: dict[str, Callable] = {
     "super_res_steps": lambda f, v: _int(f, v, 1, MAX_STEPS),
     "guidance": lambda f, v: _float(f, v, 0, 100), "prior_guidance": lambda f, v: _float(f, v, 0, 100),
     "strength": lambda f, v: _float(f, v, 0, 1), "size": _size, "scheduler": _scheduler,
-    "deepcache": lambda f, v: _int(f, v, 1, MAX_STEPS), "dtype": _choice(DTYPES), "device": _text,
+    "deepcache": lambda f, v: _int(f, v, 1, MAX_STEPS), "dtype": _dtype, "device": _text,
     "image": _text, "mask": _text, "rect": _rect, "hint": _text, "item": _items,
     "n": lambda f, v: _int(f, v, 1, MAX_IMAGES),
 }
