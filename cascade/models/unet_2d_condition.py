@@ -219,7 +219,9 @@ class UNet2DConditionModel(ModelMixin):
         mask = mask if context is not None or attention_mask is not None else None
         x = self.conv_in(sample)
         own = self.deepcache  # read once: another thread may switch it meanwhile
-        settings = settings_for(own)
+        # DeepCache's per-call state lives in context variables, which torch.compile cannot trace (a graph
+        # break): a compiled UNet always runs whole.
+        settings = None if torch.compiler.is_compiling() else settings_for(own)
         if settings is not None and settings is not own:  # a `deepcache.using` block's, unchecked here
             settings.check(len(self.down_blocks))
         cache = slot(self) if settings is not None else None
