@@ -142,16 +142,17 @@ class SigmaScheduler(Scheduler):
         sigma = sigmas[index].flatten().view(-1, *[1] * (original_samples.ndim - 1))
         return self.mix(original_samples, noise, sigma)
 
+    rejects_integer_timesteps = False
+
     def step(self, model_output, timestep, sample, *args, **kwargs):
-        # The Euler samplers' timesteps are floats, so an integer is a loop index passed by mistake.
-        euler = isinstance(self, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler))
-        if euler and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if self.rejects_integer_timesteps and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError(f"{type(self).__name__}.step takes one of `scheduler.timesteps`, not an index.")
         return super().step(model_output, timestep, sample, *args, **kwargs)
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
     config_class = EulerDiscreteSchedulerConfig
+    rejects_integer_timesteps = True  # its timesteps are floats: an integer is a loop index passed by mistake
 
     def update(self, plan, out, i, x, generator=None, s_churn: float = 0.0, s_tmin: float = 0.0,
                s_tmax: float = float("inf"), s_noise: float = 1.0, **_):
@@ -172,6 +173,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Euler down to sigma_down, then fresh noise up to the next level (k-diffusion's ancestral step)."""
 
     config_class = EulerAncestralDiscreteSchedulerConfig
+    rejects_integer_timesteps = True
 
     def update(self, plan, out, i, x, generator=None, **_):
         out, sigma, sigma_to, sample = out[:, : x.shape[1]], plan.sigmas[i], plan.sigmas[i + 1], x.to(torch.float32)
