@@ -23,7 +23,8 @@ _EXPORTS = {
     "cascade.models": ["UNet2DConditionModel", "UNet2DModel", "UnCLIPTextProjModel", "VQModel", "PriorTransformer",
                        "AutoencoderKL", "WuerstchenPrior", "WuerstchenDiffNeXt", "PaellaVQModel"],
     "cascade.schedulers": ["DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler", "DDPMWuerstchenScheduler",
-                           "EulerDiscreteScheduler"],
+                           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                           "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
