@@ -194,7 +194,10 @@ class SpatialNorm(nn.Module):
         # each block of pixels instead of upsampling first (the reference's order): a quarter off MoVQ decoding.
         y, b = (conv(zq)[:, :, :, None, :, None] for conv in (self.conv_y, self.conv_b))
         blocks = self.norm_layer(f).unflatten(3, (zw, w // zw)).unflatten(2, (zh, h // zh))
-        return (blocks * y + b).flatten(4, 5).flatten(2, 3)
+        # Without autograd, modulate the fresh norm output in place: the same arithmetic as `blocks * y + b`
+        # without two more full-size tensors, which were the peak of MoVQ decoding.
+        out = blocks.mul_(y).add_(b) if not torch.is_grad_enabled() else blocks * y + b
+        return out.flatten(4, 5).flatten(2, 3)
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -251,7 +254,10 @@ class ResnetBlock2D(nn.Module):
         return layer(x, temb) if isinstance(layer, (SpatialNorm, AdaGroupNorm)) else layer(x)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.nonlinearity(self.apply_norm(self.norm1, input_tensor, temb))
+        # Without autograd the tensors this block makes are overwritten in place (the same arithmetic, one
+        # full-size tensor fewer at each step: decoding's peak memory).
+        inplace = not torch.is_grad_enabled()
+        x = self.act(self.apply_norm(self.norm1, input_tensor, temb), inplace)
         if self.resample is not None:
             input_tensor, x = resample(input_tensor, self.resample), resample(x, self.resample)
         x = self.conv1(x)
@@ -263,12 +269,17 @@ class ResnetBlock2D(nn.Module):
             x = self.norm2(x) * (1 + scale) + shift
         else:
             if self.time_emb_proj is not None:
-                x = x + temb
+                x = x.add_(temb) if inplace else x + temb
             x = self.apply_norm(self.norm2, x, temb)
-        x = self.conv2(self.dropout(self.nonlinearity(x)))
+        x = self.conv2(self.dropout(self.act(x, inplace)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
+        if inplace:
+            return x.add_(input_tensor).div_(self.output_scale_factor)
         return (input_tensor + x) / self.output_scale_factor
+
+    def act(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        return F.silu(x, inplace=True) if inplace and isinstance(self.nonlinearity, nn.SiLU) else self.nonlinearity(x)
 
 
 def resample(x: torch.Tensor, direction: str) -> torch.Tensor:
