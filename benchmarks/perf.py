@@ -2,20 +2,36 @@
 
 Each measurement runs in its own worker process, the two libraries alternating, the median of `--pairs`
 pairs reported (speed drifts 10-20 % between processes on the shared CPU). Every worker appends its
-figures to out/perf/results.jsonl, so several short runs add up to one table (`--report`).
+figures to out/perf/results.jsonl (`--out` for another folder), so several short runs add up to one table
+(`--report`). Each job's folder is built once, with random weights, by cascade's `save_pretrained` in the
+reference's format, and both libraries load it.
 
     python benchmarks/perf.py --job medium [--dtype bfloat16] [--pairs 3]   # Kandinsky 2.2 decoder job
     python benchmarks/perf.py --job decoder --steps 2                       # real-size decoder, 512 px
+    python benchmarks/perf.py --job upscaler [--size 256] [--steps 2]       # real-size x2 upscaler, 256 -> 512 px
+    python benchmarks/perf.py --job wuerstchen [--size 512] [--steps 2]     # real-size Würstchen v2, 512 px
     python benchmarks/perf.py --tiling 512,768,1024,2048                    # MoVQ decode memory, tiled or not
     python benchmarks/perf.py --job decoder --device cuda --dtype float16 --peak-tflops 989
     python benchmarks/perf.py --report
 
 The medium job is the Kandinsky 2.2 decoder with the real block types at reduced width (UNet 134 M,
 MoVQ 17 M parameters, random weights saved once in the reference's format), 256 x 256, guidance 4.
+The upscaler job is StableDiffusionLatentUpscalePipeline at real size (UNet 373 M, VAE 84 M parameters):
+a fixed random `--size` image upscaled 2x with `--steps` Euler steps at the default guidance 9; 256 -> 512 px
+in 2 steps is about 4 TFLOP, 2.5 of them the VAE decode. The wuerstchen job is WuerstchenCombinedPipeline at
+real size (stage C 994 M, stage B 1055 M, VQGAN 18 M parameters, 8.3 GB in float32): a `--size` image,
+`--steps` steps in each stage at the default guidance (4, then 0); 512 px, 2 + 2 steps, is about 3 TFLOP
+(1024 px: 12.5). Stage C's output convolution is scaled by 0.01, near the identity as a trained stage C is at
+t = 1: random weights would divide by 1 - b near 0 there and swamp the comparison. Both jobs' CLIP text
+encoders have the real width (768; 1280 and 1024) but 2 layers, with a byte-level tokenizer of 77 tokens:
+they are transformers code in both libraries, so their size would not tell the two apart. cascade imports
+transformers while loading, the reference while importing: compare import_s + load_s. In bfloat16 or float16
+Würstchen's outputs differ from the reference's by design: cascade computes the timestep embedding from a
+float32 r, the reference from r x 10^4 rounded to the low-precision dtype.
 Peak memory: the worker's ru_maxrss (everything: torch runtime, weights, activations), its resident size
-after import and after loading; with CUDA, the allocator's peak. TFLOP/s: the decoder steps' operations
-(FlopCounterMode on the meta device: exact, independent of the load) over the call's wall time, MoVQ
-decode included, so a lower bound on the steps' own rate.
+after import and after loading; with CUDA, the allocator's peak. TFLOP/s (Kandinsky jobs): the decoder
+steps' operations (FlopCounterMode on the meta device: exact, independent of the load) over the call's wall
+time, MoVQ decode included, so a lower bound on the steps' own rate.
 """
 from __future__ import annotations
 
@@ -28,9 +44,25 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path("out/perf")
-JOBS = {"medium": dict(unet=(128, 256, 320, 384), movq=(64, 128, 128, 256), size=256, steps=10),
-        "decoder": dict(unet=None, movq=None, size=512, steps=2)}
+# Each job: its pipeline, its default size and steps, and preset overrides (the medium job's narrower models).
+JOBS = {"medium": dict(pipeline="KandinskyV22Pipeline", size=256, steps=10,
+                       presets={"KANDINSKY22_UNET": dict(block_out_channels=(128, 256, 320, 384)),
+                                "MOVQ": dict(block_out_channels=(64, 128, 128, 256))}),
+        "decoder": dict(pipeline="KandinskyV22Pipeline", size=512, steps=2),
+        "upscaler": dict(pipeline="StableDiffusionLatentUpscalePipeline", size=256, steps=2),
+        "wuerstchen": dict(pipeline="WuerstchenCombinedPipeline", size=512, steps=2)}
+# --tiny (hidden): every block type at toy width and depth, to check the script itself in seconds.
+TINY = {"KANDINSKY22_UNET": dict(block_out_channels=(64, 64, 128, 128), layers_per_block=1),
+        "MOVQ": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        "LATENT_UPSCALER_UNET": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                                     cross_attention_dim=32, attention_head_dim=8, time_cond_proj_dim=128 + 32),
+        "LATENT_UPSCALER_VAE": dict(block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2,
+                                    up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, layers_per_block=1),
+        "WUERSTCHEN_PRIOR": dict(c=32, c_cond=32, c_r=8, depth=2, nhead=4),
+        "WUERSTCHEN_DECODER": dict(c_r=8, c_cond=16, c_hidden=(16, 32, 32), nhead=(-1, 4, 4), blocks=(1, 2, 1),
+                                   level_config=("CT", "CTA", "CTA"), inject_effnet=(False, True, True),
+                                   clip_embd=24),
+        "WUERSTCHEN_VQGAN": dict(bottleneck_blocks=2, embed_dim=16, num_vq_embeddings=32)}
 
 
 def rss_mb() -> float:
@@ -42,17 +74,108 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(folder: Path, job: dict):
-    import torch
+def folder_of(a) -> Path:
+    return Path(a.out) / f"folder-{a.job}{'-tiny' if a.tiny else ''}"
 
+
+def preset(name: str, a) -> dict:
+    from cascade import presets
+
+    return {**getattr(presets, name), **JOBS[a.job].get("presets", {}).get(name, {}),
+            **(TINY.get(name, {}) if a.tiny else {})}
+
+
+def clip_text(width: int):
+    """A 2-layer CLIP text encoder of the given width, with the byte-level CLIP tokenizer the tests use."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cascade.demo import byte_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = byte_tokenizer(Path(tmp), max_length=77)
+    n = len(tok)
+    config = CLIPTextConfig(vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1,
+                            hidden_size=width, intermediate_size=4 * width, num_attention_heads=max(1, width // 64),
+                            num_hidden_layers=2, max_position_embeddings=77)
+    return tok, CLIPTextModel(config).eval()
+
+
+def build_kandinsky(a):
     from cascade import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel, presets
 
+    unet, movq = UNet2DConditionModel(**preset("KANDINSKY22_UNET", a)), VQModel(**preset("MOVQ", a))
+    return KandinskyV22Pipeline(unet=unet, movq=movq,
+                                scheduler=DDPMScheduler(**presets.KANDINSKY22_DECODER_SCHEDULER))
+
+
+def build_upscaler(a):
+    from cascade import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline,
+                         UNet2DConditionModel, presets)
+
+    unet = UNet2DConditionModel(**preset("LATENT_UPSCALER_UNET", a))
+    vae = AutoencoderKL(**preset("LATENT_UPSCALER_VAE", a))
+    tok, text = clip_text(unet.config.cross_attention_dim)
+    return StableDiffusionLatentUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                                scheduler=EulerDiscreteScheduler(**presets.LATENT_UPSCALER_SCHEDULER))
+
+
+def build_wuerstchen(a):
+    import torch
+
+    from cascade import (DDPMWuerstchenScheduler, PaellaVQModel, WuerstchenCombinedPipeline, WuerstchenDiffNeXt,
+                         WuerstchenPrior, presets)
+
+    prior = WuerstchenPrior(**preset("WUERSTCHEN_PRIOR", a))
+    with torch.no_grad():  # near the identity, as a trained stage C is at t = 1 (see the module docstring)
+        prior.out[1].weight.mul_(0.01)
+        prior.out[1].bias.mul_(0.01)
+    decoder = WuerstchenDiffNeXt(**preset("WUERSTCHEN_DECODER", a))
+    vqgan = PaellaVQModel(**preset("WUERSTCHEN_VQGAN", a))
+    tok, text = clip_text(decoder.config.clip_embd)
+    _, prior_text = clip_text(prior.config.c_cond)
+    scheduler = presets.WUERSTCHEN_SCHEDULER
+    return WuerstchenCombinedPipeline(
+        tokenizer=tok, text_encoder=text, decoder=decoder, scheduler=DDPMWuerstchenScheduler(**scheduler),
+        vqgan=vqgan, prior_tokenizer=tok, prior_text_encoder=prior_text, prior_prior=prior,
+        prior_scheduler=DDPMWuerstchenScheduler(**scheduler))
+
+
+def build(folder: Path, a):
+    import torch
+
     torch.manual_seed(0)
-    unet = {**presets.KANDINSKY22_UNET, **({"block_out_channels": job["unet"]} if job["unet"] else {})}
-    movq = {**presets.MOVQ, **({"block_out_channels": job["movq"]} if job["movq"] else {})}
-    scheduler = DDPMScheduler(**presets.KANDINSKY22_DECODER_SCHEDULER)
-    pipe = KandinskyV22Pipeline(unet=UNet2DConditionModel(**unet), movq=VQModel(**movq), scheduler=scheduler)
-    pipe.save_pretrained(folder)
+    PARTS[JOBS[a.job]["pipeline"]][0](a).save_pretrained(folder)
+
+
+def inputs_kandinsky(pipe, a, dtype) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = (torch.randn(1, pipe.unet.config.encoder_hid_dim, generator=g).to(a.device, dtype)
+                        for _ in range(2))
+    return dict(image_embeds=embeds, negative_image_embeds=negative, height=a.size, width=a.size,
+                num_inference_steps=a.steps)
+
+
+def inputs_upscaler(pipe, a, dtype) -> dict:
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (a.size, a.size, 3), dtype=np.uint8)
+    return dict(prompt="a photograph of a cat", image=PIL.Image.fromarray(pixels), num_inference_steps=a.steps)
+
+
+def inputs_wuerstchen(pipe, a, dtype) -> dict:
+    return dict(prompt="a photograph of a cat", height=a.size, width=a.size, prior_num_inference_steps=a.steps,
+                num_inference_steps=a.steps)
+
+
+# Per pipeline: how its folder is built, and the call's inputs (besides generator and output_type).
+PARTS = {"KandinskyV22Pipeline": (build_kandinsky, inputs_kandinsky),
+         "StableDiffusionLatentUpscalePipeline": (build_upscaler, inputs_upscaler),
+         "WuerstchenCombinedPipeline": (build_wuerstchen, inputs_wuerstchen)}
 
 
 def decoder_flops(folder: str, size: int) -> float:
@@ -80,7 +203,14 @@ def worker(lib: str, folder: str, a) -> dict:
     import torch
 
     module = __import__(lib)
-    cls = module.KandinskyV22Pipeline
+    if lib == "diffusers" and a.job == "wuerstchen":
+        # The reference loads Würstchen folders (its own too) only with these models on its top level.
+        from diffusers.pipelines.deprecated import wuerstchen
+
+        for name in ("WuerstchenPrior", "WuerstchenDiffNeXt", "PaellaVQModel"):
+            setattr(module, name, getattr(wuerstchen, name))
+    name = JOBS[a.job]["pipeline"]
+    cls = getattr(module, name)
     t_import, rss_import = time.perf_counter() - t0, rss_mb()
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
@@ -89,19 +219,15 @@ def worker(lib: str, folder: str, a) -> dict:
     pipe.set_progress_bar_config(disable=True)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    g = torch.Generator().manual_seed(0)
-    embeds, negative = (torch.randn(1, pipe.unet.config.encoder_hid_dim, generator=g).to(a.device, dtype)
-                        for _ in range(2))
+    inputs = PARTS[name][1](pipe, a, dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    image = pipe(image_embeds=embeds, negative_image_embeds=negative, height=a.size, width=a.size,
-                 num_inference_steps=a.steps, generator=torch.Generator().manual_seed(0),
-                 output_type="np").images
+    image = pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np").images
     sync()
     t_call = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else peak_mb()
-    np_path = OUT / f"{lib}-{a.job}-{a.dtype}.npy"
+    np_path = Path(a.out) / f"{lib}-{a.job}-{a.dtype}.npy"
     __import__("numpy").save(np_path, image)
     result = dict(lib=lib, job=a.job, dtype=a.dtype, device=a.device, size=a.size, steps=a.steps,
                   import_s=t_import, load_s=t_load, call_s=t_call, peak_mb=peak, rss_import_mb=rss_import,
@@ -113,26 +239,25 @@ def worker(lib: str, folder: str, a) -> dict:
 
 
 def run_pairs(a):
-    job = JOBS[a.job]
-    folder = OUT / f"folder-{a.job}"
+    out_dir, folder = Path(a.out), folder_of(a)
     if not (folder / "model_index.json").is_file():
-        build(folder, job)
+        build(folder, a)
     for _ in range(a.pairs):
         for lib in ("cascade", "diffusers"):
             cmd = [sys.executable, __file__, "--worker", lib, "--job", a.job, "--dtype", a.dtype,
                    "--device", a.device, "--size", str(a.size), "--steps", str(a.steps),
-                   "--peak-tflops", str(a.peak_tflops or 0)]
+                   "--peak-tflops", str(a.peak_tflops or 0), "--out", a.out] + ["--tiny"] * a.tiny
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["load_avg"] = float(Path("/proc/loadavg").read_text().split()[0])
-            with open(OUT / "results.jsonl", "a") as f:
+            with open(out_dir / "results.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(json.dumps(result))
     import numpy as np
 
-    ours, ref = (np.load(OUT / f"{lib}-{a.job}-{a.dtype}.npy") for lib in ("cascade", "diffusers"))
+    ours, ref = (np.load(out_dir / f"{lib}-{a.job}-{a.dtype}.npy") for lib in ("cascade", "diffusers"))
     print(f"max difference to the reference: {float(np.abs(ours - ref).max()):.2e}")
 
 
@@ -193,9 +318,9 @@ def tiling_curve(sizes: list[int]) -> list[dict]:
     return rows
 
 
-def report():
+def report(out_dir: Path):
     """Medians per library and job/dtype from results.jsonl, with cascade / reference ratios."""
-    rows = [json.loads(line) for line in open(OUT / "results.jsonl")]
+    rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
     keys = ("import_s", "load_s", "call_s", "peak_mb")
     for setting in sorted({(r["job"], r["dtype"], r["device"]) for r in rows}):
         med = {lib: {k: statistics.median(r[k] for r in rows if (r["job"], r["dtype"], r["device"]) == setting
@@ -219,16 +344,20 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak: prints the fraction")
     p.add_argument("--tiling", help="comma-separated sizes: MoVQ decode memory with and without tiling")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--out", default="out/perf", help="folder of results.jsonl, the job folders and outputs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.size, a.steps = a.size or JOBS[a.job]["size"], a.steps or JOBS[a.job]["steps"]
-    OUT.mkdir(parents=True, exist_ok=True)
+    if a.peak_tflops and JOBS[a.job]["pipeline"] != "KandinskyV22Pipeline":
+        p.error("--peak-tflops counts Kandinsky decoder steps only")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.worker:
-        print(json.dumps(worker(a.worker, str(OUT / f"folder-{a.job}"), a)))
+        print(json.dumps(worker(a.worker, str(folder_of(a)), a)))
     elif a.tiling:
         tiling_curve([int(s) for s in a.tiling.split(",")])
     elif a.report:
-        report()
+        report(Path(a.out))
     else:
         run_pairs(a)
 
