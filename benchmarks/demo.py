@@ -6,6 +6,7 @@ caption. Images are generated in batches with one generator per image, which dra
 call per caption. Every argument not named here keeps the pipeline's default.
 
     python benchmarks/demo.py [--model demo] [--n 200] [--only text,steps,ddim,img2img,inpaint,time]
+    python benchmarks/demo.py --only text --n 40 --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def generate(pipe, n: int, chunk: int = 50, **per_image) -> list:
     return images
 
 
-def text_scores(model: str, n: int, runs: dict) -> dict:
+def text_scores(model: str, n: int, runs: dict, dtype: str = "float32") -> dict:
     from cascade import DDIMScheduler, KandinskyV22CombinedPipeline
 
-    pipe = KandinskyV22CombinedPipeline.from_pretrained(model)
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
     ddpm, captions = pipe.scheduler, [c for _, c, _ in world(n)]
     out = {}
     for name, (steps, scheduler) in runs.items():
@@ -143,6 +144,8 @@ def main(argv=None):
                         "-inpaint siblings (what python -m cascade.train writes)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--only", default="text,steps,ddim,img2img,inpaint,time")
+    parser.add_argument("--dtype", default="float32", help="the text-to-image scores' dtype (bfloat16: the fast "
+                        "CPU path)")
     args = parser.parse_args(argv)
     only, results = set(args.only.split(",")), {}
     runs = {**({"default (100 DDPM steps)": (None, "ddpm")} if "text" in only else {}),
@@ -150,7 +153,7 @@ def main(argv=None):
             **({f"{s} DDIM steps": (s, "ddim") for s in (10, 25, 50, 100)} if "ddim" in only else {})}
     if runs:
         results["batched vs one call each"] = batching_check(args.model)
-        results.update(text_scores(args.model, args.n, runs))
+        results.update(text_scores(args.model, args.n, runs, args.dtype))
     if "img2img" in only:
         results["img2img, strength 0.5"] = img2img_score(args.model, args.n)
     if "inpaint" in only:
