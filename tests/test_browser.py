@@ -83,7 +83,7 @@ def test_generate_watch_download_and_drop_back(page, tmp_path):
     assert (page.input_value("#steps"), page.input_value("#prior_steps"), page.input_value("#seed")) == \
         ("60", "2", seed)
     assert not page.is_checked("#random") and page.input_value("#width") == "64"
-    assert page.input_value("#scheduler") == "ddpm"
+    assert page.input_value("#scheduler") == "dpm++sde"  # the demo's default
 
 
 def test_cancel_from_the_page(page):

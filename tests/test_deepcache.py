@@ -62,6 +62,16 @@ def test_a_cached_step_reuses_the_deep_features_of_the_last_full_one(layout):
     assert torch.equal(unet(x, 10, **kw)[0], plain)
 
 
+@torch.no_grad()
+def test_interval_one_runs_every_step_whole():
+    """`--deepcache 1` is how a demo recipe (DeepCache 3 by default) asks for the plain UNet."""
+    unet, x, kw = unet_and_inputs("kandinsky")
+    plain = [unet(x * s, 10, **kw)[0] for s in (1, 0.5, 0.25)]
+    unet.enable_deepcache(cache_interval=1)
+    with deepcache.call_scope():
+        assert all(torch.equal(unet(x * s, 10, **kw)[0], p) for s, p in zip((1, 0.5, 0.25), plain))
+
+
 def test_outside_a_call_every_forward_runs_in_full():
     unet, x, kw = unet_and_inputs("kandinsky")
     with torch.no_grad():

@@ -166,10 +166,10 @@ def test_run_reports_progress_and_round_trips_through_png(models):
     assert steps == [("prior", 1, 2), ("prior", 2, 2), ("decoder", 1, 2), ("decoder", 2, 2)]
     r = result.recipe
     assert (r.seed, r.size, r.guidance, r.scheduler, r.dtype, r.device, r.n) == (
-        7, (64, 64), 4.0, "ddpm", "float32", "cpu", 1)
+        7, (64, 64), 4.0, "dpm++sde", "float32", "cpu", 1)
     png = result.png()
     text = read_png(png)
-    assert text["parameters"].startswith(DEMO["prompt"] + "\nSteps: 2, Sampler: DDPM, CFG scale: 4, Seed: 7")
+    assert text["parameters"].startswith(DEMO["prompt"] + "\nSteps: 2, Sampler: DPM++ 2M SDE, CFG scale: 4, Seed: 7")
     back = Recipe.from_png(png)
     assert back == r
     [again] = run(back, models)

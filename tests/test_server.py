@@ -48,7 +48,7 @@ def test_open_webui_calls(http):
     assert [i.size for i in images] == [(64, 64)] * 2 and all(i.format == "PNG" for i in images)
     info = json.loads(body["info"])
     assert (info["seed"], info["all_seeds"], info["negative_prompt"]) == (21, [21, 22], "green")
-    assert info["infotexts"][1].startswith(f"{PROMPT}\nNegative prompt: green\nSteps: 2, Sampler: DDPM, ")
+    assert info["infotexts"][1].startswith(f"{PROMPT}\nNegative prompt: green\nSteps: 2, Sampler: DPM++ 2M SDE, ")
     assert "Seed: 22, Size: 64x64, Model: demo" in info["infotexts"][1]
     assert body["parameters"]["batch_size"] == 2 and body["parameters"]["prompt"] == PROMPT
     assert images[0].text["seed"] == "21" and images[1].text["parameters"] == info["infotexts"][1]
@@ -59,7 +59,7 @@ def test_sillytavern_calls(http):
     until idle, and txt2img with its whole form, unknown fields included."""
     assert http.get("/sdapi/v1/options").status_code == 200
     samplers = [s["name"] for s in http.get("/sdapi/v1/samplers").json()]
-    assert samplers[:2] == ["DDPM", "DDIM"]
+    assert samplers[:3] == ["DPM++ 2M SDE", "DDPM", "DDIM"]  # the demo's default first
     for name in ("schedulers", "upscalers", "latent-upscale-modes", "sd-vae"):
         assert http.get(f"/sdapi/v1/{name}").json() == []
     title = http.get("/sdapi/v1/sd-models").json()[0]["title"]
@@ -118,14 +118,15 @@ def test_txt2img_equals_cascade_generate(http, tmp_path):
 def test_png_info_reads_back_what_we_wrote(http):
     image = txt2img(http, seed=5, negative_prompt="a dog").json()["images"][0]
     found = http.post("/sdapi/v1/png-info", json={"image": image}).json()
-    infotext = f"{PROMPT}\nNegative prompt: a dog\nSteps: 2, Sampler: DDPM, CFG scale: 4"
+    infotext = f"{PROMPT}\nNegative prompt: a dog\nSteps: 2, Sampler: DPM++ 2M SDE, CFG scale: 4"
     assert found["info"].startswith(infotext)
     assert found["items"]["model"] == "demo" and found["items"]["seed"] == "5"
     assert found["parameters"]["Seed"] == "5" and found["parameters"]["negative_prompt"] == "a dog"
     own = http.post("/api/png-info", content=base64.b64decode(image)).json()
     assert own["recipe"] == {"model": "demo", "task": "text2img", "prompt": PROMPT, "negative": "a dog",
                              "seed": 5, "steps": 2, "prior_steps": 2, "guidance": 4.0, "prior_guidance": 4.0,
-                             "size": "64x64", "scheduler": "ddpm", "dtype": "float32", "device": "cpu"}
+                             "size": "64x64", "scheduler": "dpm++sde", "deepcache": 3, "dtype": "float32",
+                             "device": "cpu"}
     assert http.post("/api/png-info", content=base64.b64decode(png_b64(picture()))).json()["recipe"] is None
 
 
