@@ -90,27 +90,42 @@ def seconds(pipe, caption, runs, **call):
 
 
 def plot(rows, path: Path):
-    """Shape score and seconds per image against decoder steps, one line per sampler (PIL only)."""
+    """Shape score and seconds per image against decoder steps, one line per sampler (PIL only); the
+    defaults' (100 DDPM steps) as a grey line and a label."""
     w, h, pad = 900, 380, 50
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
-    panels = [("shape score (%)", "shape", 50, 100), ("seconds per image", "seconds", 0, None)]
-    top = max(r["seconds"] for r in rows if r.get("seconds")) * 1.1
+    plain = [r for r in rows if r["steps"] in STEPS and r["deepcache"] is None]
+    base = rows[0]
+    top = max(r["seconds"] for r in plain if r.get("seconds")) * 1.1
+    panels = [("shape score (%)", "shape", 30, 100), ("seconds per image", "seconds", 0, top)]
     for p, (title, key, lo, hi) in enumerate(panels):
-        hi = hi or top
         x0, x1, y0, y1 = pad + p * w // 2, (p + 1) * w // 2 - 20, pad, h - pad
+
+        def y(v):
+            return y1 - (min(max(v, lo), hi) - lo) / (hi - lo) * (y1 - y0)
+
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text((x0, y0 - 20), f"{title} against decoder steps (10-25)", fill="black")
+        if base.get(key) is not None:
+            where = base[key] if base[key] <= hi else hi
+            draw.line([(x0, y(where)), (x1, y(where))], fill="#aaaaaa", width=1)
+            draw.text((x0 + 5, y(where) - 13), f"defaults, 100 DDPM steps: {base[key]:.3g}", fill="#777777")
         for k, name in enumerate(SAMPLER_NAMES):
-            pts = [(x0 + (r["steps"] - 10) / 15 * (x1 - x0), y1 - (r[key] - lo) / (hi - lo) * (y1 - y0))
-                   for r in rows if r["sampler"] == name and r.get(key) is not None and r.get("deepcache") is None]
+            pts = [(x0 + (r["steps"] - 10) / 15 * (x1 - x0), y(r[key]))
+                   for r in plain if r["sampler"] == name and r.get(key) is not None]
+            colour = palette[k % len(palette)]
             if len(pts) > 1:
-                draw.line(pts, fill=palette[k % len(palette)], width=2)
+                draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
             if p == 0:
-                draw.text((x1 - 110, y1 - 15 - 13 * k), name, fill=palette[k % len(palette)])
+                draw.text((x1 - 110, y1 - 15 - 13 * k), name, fill=colour)
         for v in (lo, (lo + hi) / 2, hi):
-            draw.text((x0 - 40, y1 - (v - lo) / (hi - lo) * (y1 - y0) - 6), f"{v:.3g}", fill="black")
+            draw.text((x0 - 40, y(v) - 6), f"{v:.3g}", fill="black")
+        for n in STEPS:
+            draw.text((x0 + (n - 10) / 15 * (x1 - x0) - 6, y1 + 4), str(n), fill="black")
     img.save(path)
 
 
@@ -211,8 +226,10 @@ def main(argv=None):
                         help="times reads the scores a scores run saved (timing wants a quiet machine)")
     parser.add_argument("--report", action="store_true", help="print the table of the last run's samplers.json")
     args = parser.parse_args(argv)
-    if args.report:
-        return print(markdown(json.loads((args.out / "samplers.json").read_text())["rows"]))
+    if args.report:  # the table and the plot again, from the last run's samplers.json
+        rows = json.loads((args.out / "samplers.json").read_text())["rows"]
+        plot(rows, args.out / "samplers.png")
+        return print(markdown(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = KandinskyV22CombinedPipeline.from_pretrained("demo")
     captions = [c for _, c, _ in world(args.n)]
