@@ -254,10 +254,7 @@ class ResnetBlock2D(nn.Module):
         return layer(x, temb) if isinstance(layer, (SpatialNorm, AdaGroupNorm)) else layer(x)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        # Without autograd the tensors this block makes are overwritten in place (the same arithmetic, one
-        # full-size tensor fewer at each step: decoding's peak memory).
-        inplace = not torch.is_grad_enabled()
-        x = self.act(self.apply_norm(self.norm1, input_tensor, temb), inplace)
+        x = self.nonlinearity(self.apply_norm(self.norm1, input_tensor, temb))
         if self.resample is not None:
             input_tensor, x = resample(input_tensor, self.resample), resample(x, self.resample)
         x = self.conv1(x)
@@ -269,17 +266,12 @@ class ResnetBlock2D(nn.Module):
             x = self.norm2(x) * (1 + scale) + shift
         else:
             if self.time_emb_proj is not None:
-                x = x.add_(temb) if inplace else x + temb
+                x = x + temb
             x = self.apply_norm(self.norm2, x, temb)
-        x = self.conv2(self.dropout(self.act(x, inplace)))
+        x = self.conv2(self.dropout(self.nonlinearity(x)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        if inplace:
-            return x.add_(input_tensor).div_(self.output_scale_factor)
         return (input_tensor + x) / self.output_scale_factor
-
-    def act(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
-        return F.silu(x, inplace=True) if inplace and isinstance(self.nonlinearity, nn.SiLU) else self.nonlinearity(x)
 
 
 def resample(x: torch.Tensor, direction: str) -> torch.Tensor:
