@@ -60,7 +60,7 @@ class ImagePipelineOutput(Output):
 
 
 # The sampling loop, guidance and latents live in sampling.py; pipelines import them from here too.
-from .sampling import (cfg, check_strength, denoise, guided, noised_start, prepare_latents,  # noqa: E402,F401
+from .sampling import (cfg, denoise, guided, noised_start, prepare_latents,  # noqa: E402,F401
                        start_latents)
 
 

@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type, check_strength,
+from .core import (DiffusionPipeline, ImagePipelineOutput, Output, check_output_type,
                    connected_prior, denoise, encode_image, encode_text, guided, noised_start, postprocess,
                    start_latents, sub_pipeline, to_tensor_batch)
 
@@ -131,7 +131,6 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyPriorBase):
                  num_inference_steps=25, generator=None, guidance_scale=4.0, output_type="pt", return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """Like the prior, starting from the embedding of `image` (images or embeddings) noised to `strength`."""
-        check_strength(strength)
         rows = len(self.prompts(prompt, negative_prompt)[0]) * num_images_per_prompt
         start = lambda: self.start_embeds(image, num_images_per_prompt, rows)  # noqa: E731 (after input checks)
         return self.sample_embeds(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
@@ -235,7 +234,6 @@ class KandinskyDecoderBase(DiffusionPipeline):
 
     def img2img(self, state, image, height, width, steps, strength, n, generator, legacy, on_step_end,
                 tensor_inputs, output_type, return_dict):
-        check_strength(strength)
         check_output_type(output_type)
         self.latent_shape(state, height, width)
         image = self.per_sample("image", self.encode_images(image, height, width),

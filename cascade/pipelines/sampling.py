@@ -8,8 +8,6 @@ pipeline, so one pipeline can run several calls at once.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..schedulers.base import Plan, randn_tensor
@@ -72,8 +70,3 @@ def noised_start(scheduler, plan: Plan, x0, strength, generator):
     noise = randn_tensor(x0.shape, generator, x0.device, x0.dtype)
     return scheduler.noise_to(plan, x0, noise, start), start
 
-
-def check_strength(strength):
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength) \
-            or not 0 <= strength <= 1:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
