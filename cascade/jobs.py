@@ -289,8 +289,7 @@ def prepare(recipe: Recipe, models: Models, root: Path | str | None = None,
     kw, used = call_kwargs(recipe.replace(size=size), cls, base)
     check_sampler(recipe.scheduler, base)
     pipe, sampler = per_call(models.pipeline(folder, base, recipe.dtype, recipe.device), recipe.scheduler)
-    cacheable = any(hasattr(m, "enable_deepcache") for m in pipe.modules().values())
-    if recipe.deepcache is not None and not cacheable:
+    if recipe.deepcache is not None and not pipe.models_with("enable_deepcache"):
         raise RecipeError("deepcache", f"{base.__name__} has no UNet2DConditionModel decoder for DeepCache")
     used.update(scheduler=sampler, dtype=str(pipe.dtype).removeprefix("torch."), device=str(pipe.device))
     return Job(recipe.replace(**used), pipe, cls, {**kw, **inputs})

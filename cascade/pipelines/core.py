@@ -21,6 +21,8 @@ from .checks import finite_stage
 from .offload import OffloadMixin
 from .vae import VaeOptions
 
+DEEPCACHE_MISSING = f"UNet2DConditionModel decoder for DeepCache; it runs on {DEEPCACHE_PIPELINES}"
+
 # The transformers classes a model_index.json may name (never imported by name otherwise), and what reads
 # names that other transformers versions write.
 TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection",
@@ -302,9 +304,17 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
         return on_step
 
     # --- attention and FreeU switches of the models (cascade/attention_options.py, UNet2DConditionModel)
-    def for_models(self, method: str, *args) -> list:
-        """Call `method` on every component model that has it; the models it was called on."""
-        models = [m for m in self.modules().values() if hasattr(m, method)]
+    def models_with(self, attribute: str, missing: str | None = None) -> list:
+        """The component models that have `attribute`; with `missing`, having none is a ValueError saying
+        what the pipeline lacks."""
+        models = [m for m in self.modules().values() if hasattr(m, attribute)]
+        if not models and missing:
+            raise ValueError(f"{type(self).__name__} has no {missing}")
+        return models
+
+    def for_models(self, method: str, *args, missing: str | None = None) -> list:
+        """Call `method` on every component model that has it (see models_with); the models called."""
+        models = self.models_with(method, missing)
         for m in models:
             getattr(m, method)(*args)
         return models
@@ -322,8 +332,7 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
         self.for_models("set_use_memory_efficient_attention_xformers", False)
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float):
-        if not self.for_models("enable_freeu", s1, s2, b1, b2):
-            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel to apply FreeU to")
+        self.for_models("enable_freeu", s1, s2, b1, b2, missing="UNet2DConditionModel to apply FreeU to")
 
     def disable_freeu(self):
         self.for_models("disable_freeu")
@@ -334,8 +343,7 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
         second-order sampler makes two a step), in between only its levels 0 to `cache_branch_id`, on the
         deep features of the last full one (arXiv 2312.00858). The setting is the UNet's, shared by every
         pipeline holding it; `deepcache(...)` is one thread's own."""
-        for unet in self.deepcache_unets():
-            unet.enable_deepcache(cache_interval, cache_branch_id)
+        self.for_models("enable_deepcache", cache_interval, cache_branch_id, missing=DEEPCACHE_MISSING)
 
     def disable_deepcache(self):
         """Back to the plain UNet, bit for bit; a no-op where DeepCache does not apply."""
@@ -346,15 +354,8 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
         enable_deepcache's; other threads' calls on this pipeline are untouched (a request's own option)."""
         if cache_interval is None:  # off, which any pipeline can be
             return deepcache_using(None)
-        unets = self.deepcache_unets()
+        unets = self.models_with("deepcache_settings", DEEPCACHE_MISSING)
         return deepcache_using([u.deepcache_settings(cache_interval, cache_branch_id) for u in unets][0])
-
-    def deepcache_unets(self) -> list:
-        unets = [m for m in self.modules().values() if hasattr(m, "deepcache_settings")]
-        if not unets:
-            raise ValueError(f"{type(self).__name__} has no UNet2DConditionModel decoder for DeepCache; it "
-                             f"runs on {DEEPCACHE_PIPELINES}")
-        return unets
 
 
 def download(path_or_repo, variant=None, **hub) -> Path:

@@ -69,4 +69,3 @@ def noised_start(scheduler, plan: Plan, x0, strength, generator):
         raise ValueError(f"strength={strength} with num_inference_steps={plan.num_inference_steps} leaves no step")
     noise = randn_tensor(x0.shape, generator, x0.device, x0.dtype)
     return scheduler.noise_to(plan, x0, noise, start), start
-

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 class VaeOptions:
     """enable_vae_tiling / enable_vae_slicing and their opposites, for pipelines whose components include an
-    image decoder; `modules()` comes from the pipeline base."""
+    image decoder; `for_models` comes from the pipeline base."""
 
-    def image_decoders(self) -> list:
-        decoders = [m for m in self.modules().values() if hasattr(m, "enable_tiling")]
-        if not decoders:
-            raise ValueError(f"{type(self).__name__} has no image decoder (MoVQ, AutoencoderKL or Paella VQ) "
-                             f"to tile or slice")
-        return decoders
+    MISSING = "image decoder (MoVQ, AutoencoderKL or Paella VQ) to tile or slice"
 
     def enable_vae_tiling(self, tile_size: int = 64, overlap: int = 16) -> None:
         """Decode in tiles of tile_size latent positions (512 px for MoVQ and the SD VAE), overlapping by
         `overlap` and blended: memory stays that of one tile at any image size (cascade/models/tiling.py)."""
-        for m in self.image_decoders():
-            m.enable_tiling(tile_size, overlap)
+        self.for_models("enable_tiling", tile_size, overlap, missing=self.MISSING)
 
     def disable_vae_tiling(self) -> None:
-        for m in self.image_decoders():
-            m.disable_tiling()
+        self.for_models("disable_tiling", missing=self.MISSING)
 
     def enable_vae_slicing(self) -> None:
         """Decode a batch one image at a time (the same images, the memory of one)."""
-        for m in self.image_decoders():
-            m.enable_slicing()
+        self.for_models("enable_slicing", missing=self.MISSING)
 
     def disable_vae_slicing(self) -> None:
-        for m in self.image_decoders():
-            m.disable_slicing()
+        self.for_models("disable_slicing", missing=self.MISSING)

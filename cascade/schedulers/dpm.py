@@ -112,11 +112,7 @@ class MultistepScheduler(SigmaScheduler):
     def round_karras_timesteps(self) -> bool:
         return True
 
-    @property
-    def init_noise_sigma(self):
-        return 1.0
-
-    def init_sigma(self, plan):
+    def init_sigma(self, plan):  # init_noise_sigma follows (SigmaScheduler's property reads this)
         return 1.0
 
     def scale(self, plan, x, i):
