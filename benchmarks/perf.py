@@ -10,8 +10,9 @@ reference's format, and both libraries load it.
     python benchmarks/perf.py --job decoder --steps 2                       # real-size decoder, 512 px
     python benchmarks/perf.py --job upscaler [--size 256] [--steps 2]       # real-size x2 upscaler, 256 -> 512 px
     python benchmarks/perf.py --job wuerstchen [--size 512] [--steps 2]     # real-size Würstchen v2, 512 px
-    python benchmarks/perf.py --tiling 512,768,1024,2048                    # MoVQ decode memory, tiled or not
+    python benchmarks/perf.py --tiling 512,768,1024,2048 [--measure]        # MoVQ decode memory, tiled or not
     python benchmarks/perf.py --job decoder --device cuda --dtype float16 --peak-tflops 989
+    python benchmarks/perf.py --job decoder --libs cascade,cascade+channels_last,diffusers   # a lever's share
     python benchmarks/perf.py --report
 
 The medium job is the Kandinsky 2.2 decoder with the real block types at reduced width (UNet 134 M,
@@ -51,6 +52,12 @@ JOBS = {"medium": dict(pipeline="KandinskyV22Pipeline", size=256, steps=10,
         "decoder": dict(pipeline="KandinskyV22Pipeline", size=512, steps=2),
         "upscaler": dict(pipeline="StableDiffusionLatentUpscalePipeline", size=256, steps=2),
         "wuerstchen": dict(pipeline="WuerstchenCombinedPipeline", size=512, steps=2)}
+# Levers a run can turn on (`--libs cascade+channels_last`): each is measured on its own against the plain run.
+# compile: torch.compile on the denoisers, its warm-up call timed apart; cuda_graphs: the same in mode
+# "reduce-overhead" (CUDA graphs; the plain compile elsewhere).
+LEVERS = {"channels_last", "compile", "cuda_graphs"}
+DENOISERS = {"KandinskyV22Pipeline": ("unet",), "StableDiffusionLatentUpscalePipeline": ("unet",),
+             "WuerstchenCombinedPipeline": ("prior_prior", "decoder")}
 # --tiny (hidden): every block type at toy width and depth, to check the script itself in seconds.
 TINY = {"KANDINSKY22_UNET": dict(block_out_channels=(64, 64, 128, 128), layers_per_block=1),
         "MOVQ": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
@@ -198,7 +205,9 @@ def decoder_flops(folder: str, size: int) -> float:
     return counter.get_total_flops()
 
 
-def worker(lib: str, folder: str, a) -> dict:
+def worker(spec: str, folder: str, a) -> dict:
+    """One measured run of `spec`: a library, with "+lever" for each lever of LEVERS it turns on."""
+    lib, *levers = spec.split("+")
     t0 = time.perf_counter()
     import torch
 
@@ -214,24 +223,35 @@ def worker(lib: str, folder: str, a) -> dict:
     t_import, rss_import = time.perf_counter() - t0, rss_mb()
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype).to(a.device)
+    layout = {"memory_format": torch.channels_last} if lib == "cascade" and "channels_last" in levers else {}
+    pipe = cls.from_pretrained(folder, torch_dtype=dtype, **layout).to(a.device)
+    if lib == "diffusers" and "channels_last" in levers:
+        pipe.unet.to(memory_format=torch.channels_last)  # the reference's documented way
+    if {"compile", "cuda_graphs"} & set(levers):
+        for part in DENOISERS[name]:
+            getattr(pipe, part).compile(mode="reduce-overhead" if "cuda_graphs" in levers else None)
     t_load, rss_load = time.perf_counter() - t0, rss_mb()
     pipe.set_progress_bar_config(disable=True)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     inputs = PARTS[name][1](pipe, a, dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    t0, warmup = time.perf_counter(), {}
+    if {"compile", "cuda_graphs"} & set(levers):  # compiling happens in the first call: not the one timed
+        pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np")
+        sync()
+        warmup = {"warmup_s": time.perf_counter() - t0}
     sync()
     t0 = time.perf_counter()
     image = pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np").images
     sync()
     t_call = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else peak_mb()
-    np_path = Path(a.out) / f"{lib}-{a.job}-{a.dtype}.npy"
+    np_path = Path(a.out) / f"{spec}-{a.job}-{a.dtype}.npy"
     __import__("numpy").save(np_path, image)
-    result = dict(lib=lib, job=a.job, dtype=a.dtype, device=a.device, size=a.size, steps=a.steps,
+    result = dict(lib=spec, job=a.job, dtype=a.dtype, device=a.device, size=a.size, steps=a.steps,
                   import_s=t_import, load_s=t_load, call_s=t_call, peak_mb=peak, rss_import_mb=rss_import,
-                  rss_load_mb=rss_load, finite=bool(__import__("numpy").isfinite(image).all()))
+                  rss_load_mb=rss_load, finite=bool(__import__("numpy").isfinite(image).all()), **warmup)
     if a.peak_tflops:
         flops = decoder_flops(folder, a.size) * a.steps
         result.update(tflops=flops / t_call / 1e12, peak_fraction=flops / t_call / 1e12 / a.peak_tflops)
@@ -243,8 +263,8 @@ def run_pairs(a):
     if not (folder / "model_index.json").is_file():
         build(folder, a)
     for _ in range(a.pairs):
-        for lib in ("cascade", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", lib, "--job", a.job, "--dtype", a.dtype,
+        for spec in a.libs:
+            cmd = [sys.executable, __file__, "--worker", spec, "--job", a.job, "--dtype", a.dtype,
                    "--device", a.device, "--size", str(a.size), "--steps", str(a.steps),
                    "--peak-tflops", str(a.peak_tflops or 0), "--out", a.out] + ["--tiny"] * a.tiny
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -257,8 +277,9 @@ def run_pairs(a):
             print(json.dumps(result))
     import numpy as np
 
-    ours, ref = (np.load(out_dir / f"{lib}-{a.job}-{a.dtype}.npy") for lib in ("cascade", "diffusers"))
-    print(f"max difference to the reference: {float(np.abs(ours - ref).max()):.2e}")
+    first, *others = (np.load(out_dir / f"{spec}-{a.job}-{a.dtype}.npy") for spec in a.libs)
+    for spec, other in zip(a.libs[1:], others):
+        print(f"max difference, {a.libs[0]} to {spec}: {float(np.abs(first - other).max()):.2e}")
 
 
 class LiveBytes:
@@ -295,8 +316,9 @@ class LiveBytes:
         self.live -= n
 
 
-def tiling_curve(sizes: list[int]) -> list[dict]:
-    """Peak activation memory of a real-size MoVQ decode (meta device) at each size, tiled or not."""
+def tiling_curve(sizes: list[int], measured: bool) -> list[dict]:
+    """Peak activation memory of a real-size MoVQ decode at each size, tiled or not: counted on the meta
+    device, and with `measured` also a real decode's growth of the resident size, each in its own process."""
     import torch
 
     from cascade import VQModel, presets
@@ -312,25 +334,51 @@ def tiling_curve(sizes: list[int]) -> list[dict]:
             counter = LiveBytes()
             with torch.no_grad(), torch.device("meta"), counter.mode:
                 movq.decode(torch.randn(1, 4, size // 8, size // 8), force_not_quantize=True)
-            row["tiled_mb" if tiled else "untiled_mb"] = counter.peak / 2**20
+            mode = "tiled" if tiled else "untiled"
+            row[f"{mode}_mb"] = counter.peak / 2**20
+            if measured:
+                out = subprocess.run([sys.executable, __file__, "--tiling-worker", f"{size},{int(tiled)}"],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(out.stderr[-3000:])
+                row.update({f"{mode}_{k}": v for k, v in json.loads(out.stdout.splitlines()[-1]).items()})
         rows.append(row)
         print(json.dumps(row))
     return rows
 
 
+def tiling_worker(size: int, tiled: bool) -> dict:
+    """A real decode of random latents by a real-size MoVQ (random weights): how far the resident size grows
+    over what the process held before, and how long it takes."""
+    import torch
+
+    from cascade import VQModel, presets
+
+    torch.manual_seed(0)
+    movq = VQModel(**presets.MOVQ).eval()
+    movq.enable_tiling() if tiled else movq.disable_tiling()
+    latents = torch.randn(1, 4, size // 8, size // 8)
+    before, earlier, t0 = rss_mb(), peak_mb(), time.perf_counter()
+    with torch.no_grad():
+        movq.decode(latents, force_not_quantize=True)
+    if peak_mb() <= earlier:  # building the model peaked higher: the decode's own peak is hidden
+        raise RuntimeError(f"the decode's peak is under the build's ({earlier:.0f} MB)")
+    return {"rss_growth_mb": peak_mb() - before, "decode_s": time.perf_counter() - t0}
+
+
 def report(out_dir: Path):
-    """Medians per library and job/dtype from results.jsonl, with cascade / reference ratios."""
+    """Medians per library (with its levers) and job/dtype from results.jsonl, each over the reference's."""
     rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
     keys = ("import_s", "load_s", "call_s", "peak_mb")
     for setting in sorted({(r["job"], r["dtype"], r["device"]) for r in rows}):
-        med = {lib: {k: statistics.median(r[k] for r in rows if (r["job"], r["dtype"], r["device"]) == setting
-                                          and r["lib"] == lib) for k in keys}
-               for lib in ("cascade", "diffusers") if any(r["lib"] == lib for r in rows)}
-        n = sum(1 for r in rows if (r["job"], r["dtype"], r["device"]) == setting) // 2
-        print(f"{' '.join(setting)} ({n} pairs)")
+        runs = [r for r in rows if (r["job"], r["dtype"], r["device"]) == setting]
+        specs = sorted({r["lib"] for r in runs}, key=lambda s: (s.startswith("diffusers"), s))
+        med = {s: {k: statistics.median(r[k] for r in runs if r["lib"] == s) for k in keys} for s in specs}
+        print(f"{' '.join(setting)}: " + ", ".join(f"{s} ({sum(r['lib'] == s for r in runs)} runs)" for s in specs))
+        ref = med.get("diffusers", {})
         for k in keys:
-            ours, ref = (med.get(lib, {}).get(k, float("nan")) for lib in ("cascade", "diffusers"))
-            print(f"  {k:10}{ours:10.2f}{ref:10.2f}{ours / ref:8.2f}")
+            cells = "".join(f"{med[s][k]:10.2f} ({med[s][k] / ref.get(k, float('nan')):.2f})" for s in specs)
+            print(f"  {k:10}{cells}")
 
 
 def main():
@@ -341,21 +389,33 @@ def main():
     p.add_argument("--size", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--libs", default="cascade,diffusers",
+                   help=f"the runs of a round, in order: a library, with +lever for each lever of {LEVERS} it uses")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak: prints the fraction")
     p.add_argument("--tiling", help="comma-separated sizes: MoVQ decode memory with and without tiling")
+    p.add_argument("--measure", action="store_true", help="--tiling: also decode for real, measuring memory")
+    p.add_argument("--tiling-worker", help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true")
     p.add_argument("--out", default="out/perf", help="folder of results.jsonl, the job folders and outputs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.size, a.steps = a.size or JOBS[a.job]["size"], a.steps or JOBS[a.job]["steps"]
+    a.libs = a.libs.split(",")
+    for spec in a.libs:
+        lib, *levers = spec.split("+")
+        if lib not in ("cascade", "diffusers") or not set(levers) <= LEVERS:
+            p.error(f"--libs: {spec!r} is not cascade or diffusers with +lever for levers of {sorted(LEVERS)}")
     if a.peak_tflops and JOBS[a.job]["pipeline"] != "KandinskyV22Pipeline":
         p.error("--peak-tflops counts Kandinsky decoder steps only")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.worker:
         print(json.dumps(worker(a.worker, str(folder_of(a)), a)))
     elif a.tiling:
-        tiling_curve([int(s) for s in a.tiling.split(",")])
+        tiling_curve([int(s) for s in a.tiling.split(",")], a.measure)
+    elif a.tiling_worker:
+        size, tiled = a.tiling_worker.split(",")
+        print(json.dumps(tiling_worker(int(size), tiled == "1")))
     elif a.report:
         report(Path(a.out))
     else:

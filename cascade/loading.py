@@ -1,6 +1,7 @@
 """Weights in and out: safetensors first, `.bin` only with `weights_only=True`; meta-device builds."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -80,7 +81,10 @@ def checked_weights(path: Path, folder: Path) -> Path:
     return path
 
 
-def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(files: list[Path], dtype: torch.dtype | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, torch.Tensor]:
+    """The files' tensors, mapped rather than read where they are used as stored; floating-point ones in
+    `dtype` when given, 4-D ones (convolution weights) in `memory_format`."""
     state = {}
     for f in files:
         try:
@@ -93,10 +97,43 @@ def read_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict
         odd = next((k for k, v in part.items() if not isinstance(v, torch.Tensor)), None)
         if odd is not None:
             raise ValueError(f"{f}: {odd!r} is a {type(part[odd]).__name__}, not a tensor")
+        changed = [k for k, v in part.items() if changes(v, dtype, memory_format)]
+        # A copy made from the mapping would leave the mapped pages resident beside it, holding those weights
+        # twice for as long as the file stays mapped: what changes is read from the file instead.
+        fresh = read_safetensors(f, changed, part) if f.suffix == ".safetensors" else part
         state.update(part)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state.update((k, converted(fresh[k], dtype, memory_format)) for k in changed)
     return state
+
+
+def converted(t: torch.Tensor, dtype: torch.dtype | None, memory_format: torch.memory_format) -> torch.Tensor:
+    """`t` in the dtype and layout a model asks for: `t` itself when it already is."""
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return t.to(dtype=dtype, memory_format=memory_format if t.ndim == 4 else torch.preserve_format)
+
+
+def changes(t: torch.Tensor, dtype: torch.dtype | None, memory_format: torch.memory_format) -> bool:
+    """Whether `converted` copies `t`, found without reading its data."""
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        return True
+    return t.ndim == 4 and not t.is_contiguous(memory_format=memory_format)
+
+
+def read_safetensors(path: Path, keys: list[str], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors `keys` of a safetensors file read into fresh memory (an 8-byte header length, a JSON header of
+    byte offsets, then the data), shaped and typed as `like`'s."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for k in keys:
+            start, end = header[k]["data_offsets"]
+            t = torch.empty(like[k].shape, dtype=like[k].dtype)
+            f.seek(8 + n + start)
+            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise ValueError(f"{path}: {k} is cut short")
+            out[k] = t
+    return out
 
 
 class no_init(TorchFunctionMode):
@@ -162,13 +199,16 @@ class ModelMixin(Configurable, AttentionOptions, nn.Module):
         return cls.load(folder, torch_dtype, variant, **kwargs)
 
     @classmethod
-    def load(cls, folder: Path, torch_dtype=None, variant=None, **overrides):
+    def load(cls, folder: Path, torch_dtype=None, variant=None, memory_format=torch.contiguous_format,
+             **overrides):
+        """`memory_format=torch.channels_last` stores the convolution weights channels-last, the layout the
+        convolutions then compute in (a faster CPU path that rounds differently, README: Performance)."""
         config = cls.config_class.from_dict(read_json(folder / cls.config_name),
                                             str(folder / cls.config_name), **overrides)
         with torch.device("meta"), no_init():
             model = cls(config)
         files = weight_files(folder, variant)
-        load_into(model, read_state_dict(files, torch_dtype), str(files[0]))
+        load_into(model, read_state_dict(files, torch_dtype, memory_format), str(files[0]))
         return model.eval()
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **_):

@@ -119,3 +119,27 @@ def test_a_schedule_of_zero_timesteps_is_named(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, "num_train_timesteps": 0}))
     fails_fast(ValueError, "scheduler_config.json: num_train_timesteps must be at least 1, got 0",
                DDPMScheduler.from_pretrained, tmp_path)
+
+
+def test_channels_last_loads_the_same_values_in_the_other_layout(folder):
+    plain = VQModel.from_pretrained(folder)
+    last = VQModel.from_pretrained(folder, memory_format=torch.channels_last)
+    convs = [k for k, v in plain.state_dict().items() if v.ndim == 4 and v.shape[-1] > 1]
+    assert len(convs) > 10
+    for k, v in last.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k])
+        assert v.is_contiguous(memory_format=torch.channels_last) == (v.ndim == 4) or v.shape[-1] == 1
+    assert not plain.state_dict()[convs[0]].is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (m.decode(z).sample for m in (plain, last))
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_weights_converted_at_load_equal_the_stored_ones_converted(folder):
+    """Converted weights are read from the file, not copied from its mapping: the same values."""
+    plain = VQModel.from_pretrained(folder)
+    half = VQModel.from_pretrained(folder, torch_dtype=torch.float16)
+    for k, v in half.state_dict().items():
+        assert v.dtype == torch.float16 and torch.equal(v, plain.state_dict()[k].half())

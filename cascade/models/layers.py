@@ -131,7 +131,8 @@ class Attention(nn.Module):
             out = out.transpose(1, 2).reshape(image_shape)
         if self.residual_connection or self.add_k_proj is not None:
             out = out + residual
-        return out / self.rescale_output_factor
+        # Dividing by 1.0 would cost a pass over the output per layer (the reference skips it there too).
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
     def keys_values(self, x: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor | None):
         """Keys and values of the context, else of the sample: normalised `x`, but the raw `tokens` in the

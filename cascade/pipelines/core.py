@@ -191,7 +191,10 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
     # --- loading and saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant=None, cache_dir=None,
-                        revision=None, local_files_only=None, token=None, **kwargs):
+                        revision=None, local_files_only=None, token=None,
+                        memory_format=torch.contiguous_format, **kwargs):
+        """Components not given in `kwargs` load from the folder or Hub repo; `memory_format` is that of the
+        convolution weights of the folder's own models (ModelMixin.load)."""
         if (own := builtin(pretrained_model_name_or_path, cls.demo_part)) is not None:
             if cls.demo_part is None:
                 raise ValueError(f"{pretrained_model_name_or_path}: the demo is a Kandinsky 2.2 cascade; "
@@ -204,7 +207,7 @@ class DiffusionPipeline(VaeOptions, OffloadMixin):
         parts = cls.missing_parts(folder, index, kwargs, torch_dtype, variant, hub)
         for name in cls.components_order:
             if name not in kwargs and name not in parts:
-                parts[name] = load_component(folder, name, index, cls, torch_dtype, variant)
+                parts[name] = load_component(folder, name, index, cls, torch_dtype, variant, memory_format)
         for name in cls.config_values:
             if name in index and name not in kwargs:
                 parts[name] = index[name]
@@ -370,7 +373,8 @@ def download(path_or_repo, variant=None, **hub) -> Path:
     return folder
 
 
-def load_component(folder: Path, name: str, index: dict, pipeline_cls, torch_dtype, variant):
+def load_component(folder: Path, name: str, index: dict, pipeline_cls, torch_dtype, variant,
+                   memory_format=torch.contiguous_format):
     entry = index.get(name)
     if entry is None:
         raise ValueError(f"{folder / 'model_index.json'}: component {name!r} is missing; "
@@ -392,7 +396,7 @@ def load_component(folder: Path, name: str, index: dict, pipeline_cls, torch_dty
                          f"does not implement")
     cls = ours[class_name]
     if hasattr(cls, "load"):
-        return cls.load(folder / name, torch_dtype, variant)
+        return cls.load(folder / name, torch_dtype, variant, memory_format)
     return cls.from_pretrained(folder / name)
 
 
