@@ -13,6 +13,7 @@ reference's format, and both libraries load it.
     python benchmarks/perf.py --tiling 512,768,1024,2048 [--measure]        # MoVQ decode memory, tiled or not
     python benchmarks/perf.py --job decoder --device cuda --dtype float16 --peak-tflops 989
     python benchmarks/perf.py --job decoder --libs cascade,cascade+channels_last,diffusers   # a lever's share
+    python benchmarks/perf.py --job decoder --interleave --pairs 3       # call times only, one process, alternating
     python benchmarks/perf.py --report
 
 The medium job is the Kandinsky 2.2 decoder with the real block types at reduced width (UNet 134 M,
@@ -205,12 +206,7 @@ def decoder_flops(folder: str, size: int) -> float:
     return counter.get_total_flops()
 
 
-def worker(spec: str, folder: str, a) -> dict:
-    """One measured run of `spec`: a library, with "+lever" for each lever of LEVERS it turns on."""
-    lib, *levers = spec.split("+")
-    t0 = time.perf_counter()
-    import torch
-
+def pipeline_class(lib: str, a):
     module = __import__(lib)
     if lib == "diffusers" and a.job == "wuerstchen":
         # The reference loads Würstchen folders (its own too) only with these models on its top level.
@@ -218,20 +214,38 @@ def worker(spec: str, folder: str, a) -> dict:
 
         for name in ("WuerstchenPrior", "WuerstchenDiffNeXt", "PaellaVQModel"):
             setattr(module, name, getattr(wuerstchen, name))
-    name = JOBS[a.job]["pipeline"]
-    cls = getattr(module, name)
-    t_import, rss_import = time.perf_counter() - t0, rss_mb()
-    dtype = getattr(torch, a.dtype)
-    t0 = time.perf_counter()
+    return getattr(module, JOBS[a.job]["pipeline"])
+
+
+def open_pipeline(spec: str, folder: str, a):
+    """The job's pipeline as `spec` asks: a library, with "+lever" for each lever of LEVERS it turns on."""
+    import torch
+
+    lib, *levers = spec.split("+")
     layout = {"memory_format": torch.channels_last} if lib == "cascade" and "channels_last" in levers else {}
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype, **layout).to(a.device)
+    pipe = pipeline_class(lib, a).from_pretrained(folder, torch_dtype=getattr(torch, a.dtype), **layout).to(a.device)
     if lib == "diffusers" and "channels_last" in levers:
         pipe.unet.to(memory_format=torch.channels_last)  # the reference's documented way
     if {"compile", "cuda_graphs"} & set(levers):
-        for part in DENOISERS[name]:
+        for part in DENOISERS[JOBS[a.job]["pipeline"]]:
             getattr(pipe, part).compile(mode="reduce-overhead" if "cuda_graphs" in levers else None)
-    t_load, rss_load = time.perf_counter() - t0, rss_mb()
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def worker(spec: str, folder: str, a) -> dict:
+    """One measured run of `spec` in this process: import, load, a call (after a warm-up one with compile)."""
+    lib, *levers = spec.split("+")
+    t0 = time.perf_counter()
+    import torch
+
+    pipeline_class(lib, a)
+    name = JOBS[a.job]["pipeline"]
+    t_import, rss_import = time.perf_counter() - t0, rss_mb()
+    dtype = getattr(torch, a.dtype)
+    t0 = time.perf_counter()
+    pipe = open_pipeline(spec, folder, a)
+    t_load, rss_load = time.perf_counter() - t0, rss_mb()
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     inputs = PARTS[name][1](pipe, a, dtype)
@@ -280,6 +294,33 @@ def run_pairs(a):
     first, *others = (np.load(out_dir / f"{spec}-{a.job}-{a.dtype}.npy") for spec in a.libs)
     for spec, other in zip(a.libs[1:], others):
         print(f"max difference, {a.libs[0]} to {spec}: {float(np.abs(first - other).max()):.2e}")
+
+
+def interleaved(a):
+    """Every run of `--libs` loaded in this one process, their calls alternating for `--pairs` rounds: call
+    times without the 10-20 % drift between processes (memory and start-up need a process each: run_pairs)."""
+    import numpy as np
+    import torch
+
+    folder = folder_of(a)
+    if not (folder / "model_index.json").is_file():
+        build(folder, a)
+    pipes = {spec: open_pipeline(spec, str(folder), a) for spec in a.libs}
+    inputs = {spec: PARTS[JOBS[a.job]["pipeline"]][1](pipe, a, getattr(torch, a.dtype)) for spec, pipe in pipes.items()}
+    rounds, images = [], {}
+    for i in range(a.pairs + 1):  # round 0 warms up (first-call allocations, compiling) and is not counted
+        times = {}
+        for spec, pipe in pipes.items():
+            t0 = time.perf_counter()
+            images[spec] = pipe(**inputs[spec], generator=torch.Generator().manual_seed(0), output_type="np").images
+            times[spec] = time.perf_counter() - t0
+        print(json.dumps({"round": i, **times}))
+        rounds += [times] if i else []
+    first = a.libs[0]
+    for spec in a.libs[1:]:
+        ratios = [r[spec] / r[first] for r in rounds]
+        print(f"{spec} / {first}: call {statistics.median(ratios):.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)}),"
+              f" largest difference {float(np.abs(images[spec] - images[first]).max()):.2e}")
 
 
 class LiveBytes:
@@ -396,6 +437,7 @@ def main():
     p.add_argument("--measure", action="store_true", help="--tiling: also decode for real, measuring memory")
     p.add_argument("--tiling-worker", help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--interleave", action="store_true", help="every run in one process, calls alternating")
     p.add_argument("--out", default="out/perf", help="folder of results.jsonl, the job folders and outputs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -418,6 +460,8 @@ def main():
         print(json.dumps(tiling_worker(int(size), tiled == "1")))
     elif a.report:
         report(Path(a.out))
+    elif a.interleave:
+        interleaved(a)
     else:
         run_pairs(a)
 
