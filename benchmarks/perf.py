@@ -4,7 +4,9 @@ Each measurement runs in its own worker process, the two libraries alternating, 
 pairs reported (speed drifts 10-20 % between processes on the shared CPU). Every worker appends its
 figures to out/perf/results.jsonl (`--out` for another folder), so several short runs add up to one table
 (`--report`). Each job's folder is built once, with random weights, by cascade's `save_pretrained` in the
-reference's format, and both libraries load it.
+reference's format, and both libraries load it. `--libs` names the runs of a round (a library with +lever for
+each lever it turns on, so a lever's share is measured on its own); `--interleave` loads them all in one
+process and alternates their calls, for call-time ratios free of the drift between processes.
 
     python benchmarks/perf.py --job medium [--dtype bfloat16] [--pairs 3]   # Kandinsky 2.2 decoder job
     python benchmarks/perf.py --job decoder --steps 2                       # real-size decoder, 512 px
