@@ -100,23 +100,28 @@ def read_state_dict(files: list[Path], dtype: torch.dtype | None = None,
         changed = {k for k, v in part.items() if changes(v, dtype, memory_format)}
         # A copy made from the mapping would leave the mapped pages resident beside it, holding those weights
         # twice for as long as the file stays mapped: what changes is read from the file instead.
-        fresh = read_safetensors(f, changed, part) if f.suffix == ".safetensors" else part.items()
+        fresh = (read_safetensors(f, changed, part) if f.suffix == ".safetensors"
+                 else ((k, part[k]) for k in changed))
         state.update(part)
-        state.update((k, converted(t, dtype, memory_format)) for k, t in fresh if k in changed)
+        for k, t in fresh:
+            to_dtype, to_format = wanted(t, dtype, memory_format)
+            state[k] = t.to(dtype=to_dtype, memory_format=to_format)
     return state
 
 
-def converted(t: torch.Tensor, dtype: torch.dtype | None, memory_format: torch.memory_format) -> torch.Tensor:
-    """`t` in the dtype and layout a model asks for: `t` itself when it already is."""
-    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
-    return t.to(dtype=dtype, memory_format=memory_format if t.ndim == 4 else torch.preserve_format)
+def wanted(t: torch.Tensor, dtype: torch.dtype | None,
+           memory_format: torch.memory_format) -> tuple[torch.dtype, torch.memory_format]:
+    """The dtype and layout a model asks of a stored tensor: floating-point ones in `dtype` when given, 4-D
+    ones (convolution weights) in `memory_format`, the rest as stored."""
+    return (dtype if dtype is not None and t.is_floating_point() else t.dtype,
+            memory_format if t.ndim == 4 else torch.preserve_format)
 
 
 def changes(t: torch.Tensor, dtype: torch.dtype | None, memory_format: torch.memory_format) -> bool:
-    """Whether `converted` copies `t`, found without reading its data."""
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        return True
-    return t.ndim == 4 and not t.is_contiguous(memory_format=memory_format)
+    """Whether `t` needs converting to what `wanted` says, found without reading its data."""
+    dtype, memory_format = wanted(t, dtype, memory_format)
+    return t.dtype != dtype or (memory_format != torch.preserve_format
+                                and not t.is_contiguous(memory_format=memory_format))
 
 
 def read_safetensors(path: Path, keys: set[str], like: dict[str, torch.Tensor]):
