@@ -59,6 +59,7 @@ JOBS = {"medium": dict(pipeline="KandinskyV22Pipeline", size=256, steps=10,
 # compile: torch.compile on the denoisers, its warm-up call timed apart; cuda_graphs: the same in mode
 # "reduce-overhead" (CUDA graphs; the plain compile elsewhere).
 LEVERS = {"channels_last", "compile", "cuda_graphs"}
+COMPILING = {"compile", "cuda_graphs"}
 DENOISERS = {"KandinskyV22Pipeline": ("unet",), "StableDiffusionLatentUpscalePipeline": ("unet",),
              "WuerstchenCombinedPipeline": ("prior_prior", "decoder")}
 # --tiny (hidden): every block type at toy width and depth, to check the script itself in seconds.
@@ -228,7 +229,7 @@ def open_pipeline(spec: str, folder: str, a):
     pipe = pipeline_class(lib, a).from_pretrained(folder, torch_dtype=getattr(torch, a.dtype), **layout).to(a.device)
     if lib == "diffusers" and "channels_last" in levers:
         pipe.unet.to(memory_format=torch.channels_last)  # the reference's documented way
-    if {"compile", "cuda_graphs"} & set(levers):
+    if COMPILING & set(levers):
         for part in DENOISERS[JOBS[a.job]["pipeline"]]:
             getattr(pipe, part).compile(mode="reduce-overhead" if "cuda_graphs" in levers else None)
     pipe.set_progress_bar_config(disable=True)
@@ -241,7 +242,7 @@ def worker(spec: str, folder: str, a) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    pipeline_class(lib, a)
+    pipeline_class(lib, a)  # the import being timed
     name = JOBS[a.job]["pipeline"]
     t_import, rss_import = time.perf_counter() - t0, rss_mb()
     dtype = getattr(torch, a.dtype)
@@ -253,13 +254,13 @@ def worker(spec: str, folder: str, a) -> dict:
     inputs = PARTS[name][1](pipe, a, dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     t0, warmup = time.perf_counter(), {}
-    if {"compile", "cuda_graphs"} & set(levers):  # compiling happens in the first call: not the one timed
-        pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np")
+    if COMPILING & set(levers):  # compiling happens in the first call: not the one timed
+        generate(pipe, inputs)
         sync()
         warmup = {"warmup_s": time.perf_counter() - t0}
     sync()
     t0 = time.perf_counter()
-    image = pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = generate(pipe, inputs)
     sync()
     t_call = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else peak_mb()
@@ -274,10 +275,23 @@ def worker(spec: str, folder: str, a) -> dict:
     return result
 
 
-def run_pairs(a):
-    out_dir, folder = Path(a.out), folder_of(a)
+def generate(pipe, inputs: dict):
+    """The measured call: the job's inputs, seed 0, images as numpy arrays."""
+    import torch
+
+    return pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def built_folder(a) -> Path:
+    """The job's folder, built first if missing."""
+    folder = folder_of(a)
     if not (folder / "model_index.json").is_file():
         build(folder, a)
+    return folder
+
+
+def run_pairs(a):
+    out_dir, folder = Path(a.out), built_folder(a)
     for i in range(a.pairs):
         # Odd rounds run in reverse order: whoever runs first after other jobs reads a cold page cache.
         for spec in a.libs if i % 2 == 0 else a.libs[::-1]:
@@ -305,9 +319,7 @@ def interleaved(a):
     import numpy as np
     import torch
 
-    folder = folder_of(a)
-    if not (folder / "model_index.json").is_file():
-        build(folder, a)
+    folder = built_folder(a)
     pipes = {spec: open_pipeline(spec, str(folder), a) for spec in a.libs}
     inputs = {spec: PARTS[JOBS[a.job]["pipeline"]][1](pipe, a, getattr(torch, a.dtype)) for spec, pipe in pipes.items()}
     rounds, images = [], {}
@@ -315,7 +327,7 @@ def interleaved(a):
         times = {}
         for spec, pipe in pipes.items():
             t0 = time.perf_counter()
-            images[spec] = pipe(**inputs[spec], generator=torch.Generator().manual_seed(0), output_type="np").images
+            images[spec] = generate(pipe, inputs[spec])
             times[spec] = time.perf_counter() - t0
         print(json.dumps({"round": i, **times}))
         rounds += [times] if i else []
